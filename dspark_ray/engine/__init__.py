@@ -1,0 +1,1 @@
+"""The single-process engine: models, caches, drafters and the decode loop (no Ray)."""

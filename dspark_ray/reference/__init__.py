@@ -1,0 +1,1 @@
+"""The recipe that builds the bundled reference models (tokenizer, target, draft LM)."""
