@@ -1,0 +1,60 @@
+"""Validated configuration shared by the CLI, the engine and (later) the serving layer.
+
+Pydantic v2 models, frozen, no unknown keys. The core math never imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
+DEFAULT_TARGET_DIR = REFERENCE_DIR / "target"
+DEFAULT_DRAFT_DIR = REFERENCE_DIR / "draft"
+
+DrafterKind = Literal["model", "ngram", "none"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class FrozenModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineConfig(FrozenModel):
+    """What one engine instance loads and how it speculates."""
+
+    target: Path = Field(DEFAULT_TARGET_DIR, description="HF causal-LM directory of the target model.")
+    draft: Path | None = Field(
+        DEFAULT_DRAFT_DIR, description="HF directory of the draft LM (used by drafter 'model')."
+    )
+    drafter: DrafterKind = Field("model", description="How drafts are proposed: 'model', 'ngram' or 'none'.")
+    num_speculative_tokens: int = Field(
+        6, ge=1, le=64, description="Most draft tokens proposed per sequence and step."
+    )
+    adaptive_speculation: Literal["off", "confidence", "heuristic"] = Field(
+        "confidence",
+        description=(
+            "Per-step draft length for drafter 'model': 'confidence' stops drafting a sequence once the "
+            "draft's probability of its own token falls below draft_confidence_threshold; 'heuristic' is "
+            "HF's schedule (+2 after a fully accepted draft, -1 otherwise); 'off' always drafts "
+            "num_speculative_tokens."
+        ),
+    )
+    draft_confidence_threshold: float = Field(
+        0.3, ge=0.0, le=1.0, description="Confidence below which drafting stops (adaptive 'confidence')."
+    )
+    ngram_max: int = Field(4, ge=1, le=16, description="Longest n-gram matched by drafter 'ngram'.")
+    ngram_min: int = Field(1, ge=1, le=16, description="Shortest n-gram matched by drafter 'ngram'.")
+    dtype: DType = Field("float32", description="Weights and activations dtype of both models.")
+    device: str = Field("cpu", description="torch device of both models, e.g. 'cpu' or 'cuda:0'.")
+    max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together.")
+
+    @model_validator(mode="after")
+    def _check_drafter_inputs(self) -> "EngineConfig":
+        if self.drafter == "model" and self.draft is None:
+            raise ValueError("drafter 'model' needs a draft model directory (draft)")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min must be <= ngram_max")
+        return self

@@ -1,0 +1,1 @@
+"""Drafters propose draft tokens; verification lives elsewhere (`dspark_ray.core.verification`)."""

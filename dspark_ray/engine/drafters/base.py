@@ -1,0 +1,68 @@
+"""The drafter contract: propose drafts for a batch, then hear what the target kept."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from dspark_ray.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class DraftProposal:
+    draft_token_ids: torch.Tensor  # [B, K] int64, padded past num_draft_tokens
+    num_draft_tokens: torch.Tensor  # [B] int64
+    draft_probs: torch.Tensor | None  # [B, K, V] float32: the distributions drafts were sampled from
+
+    @classmethod
+    def empty(cls, batch_size: int) -> "DraftProposal":
+        return cls(torch.zeros(batch_size, 0, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long), None)
+
+    @classmethod
+    def from_lists(cls, tokens: list[list[int]], probs: list[list[torch.Tensor]] | None,
+                   vocab_size: int) -> "DraftProposal":
+        """Pad ragged per-sequence drafts (and their [V] distributions) into batch tensors."""
+        width = max((len(row) for row in tokens), default=0)
+        token_ids = torch.zeros(len(tokens), width, dtype=torch.long)
+        for row, row_tokens in enumerate(tokens):
+            token_ids[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=torch.long)
+        draft_probs = None
+        if probs is not None:
+            draft_probs = torch.zeros(len(tokens), width, vocab_size)
+            for row, row_probs in enumerate(probs):
+                if row_probs:
+                    draft_probs[row, : len(row_probs)] = torch.stack(row_probs)
+        num_draft_tokens = torch.tensor([len(row) for row in tokens], dtype=torch.long)
+        return cls(token_ids, num_draft_tokens, draft_probs)
+
+
+class Drafter(Protocol):
+    def add(self, seqs: list[Sequence]) -> None:
+        """Start tracking new sequences (their prompt and first output token are committed)."""
+
+    def remove(self, seq_ids: list[int]) -> None:
+        """Forget finished sequences and free their state."""
+
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+        """Draft up to max_draft_tokens[b] tokens after each sequence's committed tokens."""
+
+    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int]) -> None:
+        """The target kept num_accepted[b] of num_drafted[b]; seqs already hold the new tokens."""
+
+
+class NoDrafter:
+    """Target-only decoding through the same engine: every step verifies an empty draft."""
+
+    def add(self, seqs: list[Sequence]) -> None:
+        pass
+
+    def remove(self, seq_ids: list[int]) -> None:
+        pass
+
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+        return DraftProposal.empty(len(seqs))
+
+    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int]) -> None:
+        pass

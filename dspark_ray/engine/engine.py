@@ -1,0 +1,133 @@
+"""The speculative decoding engine: one process, continuous batching, any drafter.
+
+Each step: (1) admit waiting requests (prefill; the target emits their first token), (2) the
+drafter proposes up to `num_speculative_tokens` tokens per running sequence, (3) ONE target
+forward scores the drafts of all running sequences (ragged lengths), (4) the lossless rule of
+`dspark_ray.core.verification` decides what to keep, (5) stop rules append the kept tokens,
+(6) target and drafter caches roll back to what was committed, finished sequences leave.
+
+The engine knows token ids only; text enters through the optional `decode` of the stop rules.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from dspark_ray.core.sampling import SamplingTensors
+from dspark_ray.core.verification import verify
+from dspark_ray.engine.drafters.base import DraftProposal, Drafter
+from dspark_ray.engine.runner import CausalLMRunner
+from dspark_ray.engine.sequence import GenerationRequest, Sequence
+from dspark_ray.engine.stopping import StopRules
+
+
+class SpeculativeEngine:
+    def __init__(self, target: CausalLMRunner, drafter: Drafter, stop_rules: StopRules,
+                 num_speculative_tokens: int, max_batch_size: int = 32) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.stop_rules = stop_rules
+        self.num_speculative_tokens = num_speculative_tokens
+        self.max_batch_size = max_batch_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._next_seq_id = 0
+
+    def add_request(self, request: GenerationRequest) -> Sequence:
+        if not request.prompt_token_ids:
+            raise ValueError("the prompt must hold at least one token")
+        if len(request.prompt_token_ids) >= self.stop_rules.context_limit:
+            raise ValueError(f"the prompt ({len(request.prompt_token_ids)} tokens) leaves no room in the "
+                             f"context ({self.stop_rules.context_limit} tokens)")
+        seq = Sequence.create(self._next_seq_id, request)
+        self._next_seq_id += 1
+        self.waiting.append(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[Sequence]:
+        """Advance every sequence by one verification; returns those that finished."""
+        admitted = self._admit()
+        speculating = [seq for seq in self.running if seq not in admitted]
+        if speculating:
+            self._speculate(speculating)
+        return self._retire()
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
+        seqs = [self.add_request(request) for request in requests]
+        while self.has_unfinished():
+            self.step()
+        return seqs
+
+    def abort(self, seq_ids: list[int]) -> None:
+        gone = set(seq_ids)
+        self.waiting = deque(seq for seq in self.waiting if seq.seq_id not in gone)
+        self._release([seq for seq in self.running if seq.seq_id in gone])
+
+    def _admit(self) -> list[Sequence]:
+        """Prefill waiting prompts; the target's next-token distribution gives their first token."""
+        room = self.max_batch_size - len(self.running)
+        admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        if not admitted:
+            return []
+        logits = self.target.add({seq.seq_id: seq.request.prompt_token_ids for seq in admitted})  # [N, V]
+        self.running.extend(admitted)
+        self._commit(admitted, DraftProposal.empty(len(admitted)), logits[:, None], is_prefill=True)
+        self.drafter.add([seq for seq in admitted if not seq.is_finished])
+        return admitted
+
+    def _speculate(self, seqs: list[Sequence]) -> None:
+        proposal = self.drafter.propose(seqs, [self._draft_budget(seq) for seq in seqs])
+        suffixes = [self.target.uncached_suffix(seq.seq_id, seq.token_ids) for seq in seqs]
+        feed = {seq.seq_id: suffix + proposal.draft_token_ids[row, : int(proposal.num_draft_tokens[row])].tolist()
+                for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
+        logits = self.target.forward(feed)  # [R, T, V] in target row order
+        rows = torch.tensor([self.target.seq_ids.index(seq.seq_id) for seq in seqs])  # [B]
+        first = torch.tensor([len(suffix) - 1 for suffix in suffixes])  # [B]
+        positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]
+        target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
+        num_accepted = self._commit(seqs, proposal, target_logits)
+        self.target.sync({seq.seq_id: seq.token_ids for seq in seqs})
+        self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), num_accepted)
+
+    def _commit(self, seqs: list[Sequence], proposal: DraftProposal, target_logits: torch.Tensor,
+                is_prefill: bool = False) -> list[int]:
+        """Verify and append the kept tokens; returns accepted draft tokens per sequence."""
+        draft_probs = proposal.draft_probs
+        if draft_probs is None and proposal.draft_token_ids.shape[1] == 0:
+            draft_probs = target_logits.new_zeros(len(seqs), 0, target_logits.shape[-1])  # [B, 0, V]
+        result = verify(
+            proposal.draft_token_ids, proposal.num_draft_tokens, draft_probs, target_logits,
+            SamplingTensors.from_params([seq.request.sampling for seq in seqs]),
+            [seq.generator for seq in seqs],
+        )
+        num_accepted = result.num_accepted.tolist()
+        for row, seq in enumerate(seqs):
+            if not is_prefill:  # the prefill's token is no verification step
+                seq.stats.record(int(proposal.num_draft_tokens[row]), num_accepted[row])
+            self.stop_rules.append(seq, result.tokens(row))
+        return num_accepted
+
+    def _draft_budget(self, seq: Sequence) -> int:
+        # Each step emits up to budget + 1 tokens and the target scores positions up to
+        # num_tokens - 1 + budget, so neither max_tokens nor the context limit is overrun.
+        room_in_context = self.stop_rules.context_limit - seq.num_tokens - 1
+        return max(0, min(self.num_speculative_tokens, seq.remaining_tokens - 1, room_in_context))
+
+    def _retire(self) -> list[Sequence]:
+        finished = [seq for seq in self.running if seq.is_finished]
+        self._release(finished)
+        return finished
+
+    def _release(self, seqs: list[Sequence]) -> None:
+        if not seqs:
+            return
+        seq_ids = [seq.seq_id for seq in seqs]
+        self.target.remove(seq_ids)
+        self.drafter.remove(seq_ids)
+        gone = set(seq_ids)
+        self.running = [seq for seq in self.running if seq.seq_id not in gone]

@@ -1,0 +1,64 @@
+"""Build a ready engine from an `EngineConfig`: load models, check them, pick the drafter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dspark_ray.config import EngineConfig
+from dspark_ray.engine.drafters.base import Drafter, NoDrafter
+from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
+from dspark_ray.engine.drafters.ngram import NgramDrafter
+from dspark_ray.engine.engine import SpeculativeEngine
+from dspark_ray.engine.loading import (check_shared_vocabulary, context_limit, load_causal_lm,
+                                       load_tokenizer, vocab_size)
+from dspark_ray.engine.runner import CausalLMRunner
+from dspark_ray.engine.stopping import StopRules
+
+
+@dataclass
+class LoadedModels:
+    target: PreTrainedModel
+    draft: PreTrainedModel | None
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_models(config: EngineConfig) -> LoadedModels:
+    target = load_causal_lm(config.target, config.dtype, config.device)
+    draft = None
+    if config.drafter == "model":
+        draft = load_causal_lm(config.draft, config.dtype, config.device)
+        check_shared_vocabulary(target, draft)
+    return LoadedModels(target, draft, load_tokenizer(config.target))
+
+
+def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngine:
+    pad_token_id = models.tokenizer.pad_token_id or 0
+    stop_rules = StopRules(eos_token_ids(models), context_limit(models.target),
+                           lambda ids: models.tokenizer.decode(ids, skip_special_tokens=True))
+    return SpeculativeEngine(
+        CausalLMRunner(models.target, pad_token_id),
+        build_drafter(config, models, pad_token_id),
+        stop_rules,
+        config.num_speculative_tokens,
+        config.max_batch_size,
+    )
+
+
+def build_drafter(config: EngineConfig, models: LoadedModels, pad_token_id: int) -> Drafter:
+    if config.drafter == "model":
+        return DraftModelDrafter(models.draft, config.num_speculative_tokens, config.adaptive_speculation,
+                                 config.draft_confidence_threshold, pad_token_id)
+    if config.drafter == "ngram":
+        return NgramDrafter(vocab_size(models.target), config.ngram_max, config.ngram_min)
+    return NoDrafter()
+
+
+def eos_token_ids(models: LoadedModels) -> set[int]:
+    configured = models.target.generation_config.eos_token_id
+    if configured is None:
+        configured = models.tokenizer.eos_token_id
+    if configured is None:
+        return set()
+    return set(configured) if isinstance(configured, list) else {configured}

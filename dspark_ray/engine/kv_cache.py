@@ -1,0 +1,152 @@
+"""KV caches of a batch of sequences with ragged lengths, over one HF `DynamicCache`.
+
+Physically every row has the same number of slots `S`; each row's *valid* slots hold its cached
+tokens in order, and invalid slots (padding, rolled-back draft tokens) are masked out. Rolling a
+row back is therefore a mask update (no recomputation, no copy); `compact` gathers the valid slots
+when holes dominate. Attention masks and position ids are built here and passed explicitly, so the
+model never infers positions from the physical layout.
+
+This module knows nothing about drafts, sampling or which model it serves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    input_ids: torch.Tensor  # [B, T] int64, padded
+    position_ids: torch.Tensor  # [B, T] int64
+    attention_mask: torch.Tensor  # [B, 1, T, S + T] additive float mask
+    query_valid: torch.Tensor  # [B, T] bool: False at padding
+    num_query_tokens: list[int]  # [B] real tokens per row
+
+
+class BatchKVCache:
+    """A batch of per-sequence caches with verbs: append (via forward), truncate, select, merge, compact."""
+
+    def __init__(self, hf_cache: DynamicCache, num_rows: int) -> None:
+        self.hf_cache = hf_cache
+        self.slot_valid = torch.zeros(num_rows, 0, dtype=torch.bool)  # [B, S]
+        self.cached_tokens: list[list[int]] = [[] for _ in range(num_rows)]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.cached_tokens)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_valid.shape[1]
+
+    def prepare(self, token_lists: list[list[int]], pad_token_id: int, dtype: torch.dtype,
+                max_position: int) -> ForwardInputs:
+        """Inputs that append `token_lists[b]` to row b; call `commit` after the forward."""
+        assert len(token_lists) == self.num_rows
+        lengths = torch.tensor([len(tokens) for tokens in token_lists])  # [B]
+        num_query = max(1, int(lengths.max()))
+        input_ids = torch.full((self.num_rows, num_query), pad_token_id, dtype=torch.long)
+        for row, tokens in enumerate(token_lists):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        query_valid = torch.arange(num_query)[None, :] < lengths[:, None]  # [B, T]
+        start = torch.tensor([len(tokens) for tokens in self.cached_tokens])  # [B]
+        position_ids = (start[:, None] + torch.arange(num_query)[None, :]).clamp(max=max_position - 1)
+        return ForwardInputs(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=self._attention_mask(query_valid, dtype),
+            query_valid=query_valid,
+            num_query_tokens=lengths.tolist(),
+        )
+
+    def _attention_mask(self, query_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        num_query, old_slots = query_valid.shape[1], self.num_slots
+        kv_valid = torch.cat([self.slot_valid, query_valid], dim=1)  # [B, S + T]
+        kv_index = torch.arange(old_slots + num_query)
+        query_slot = old_slots + torch.arange(num_query)  # [T]
+        causal = kv_index[None, :] <= query_slot[:, None]  # [T, S + T]
+        allowed = kv_valid[:, None, :] & causal[None]  # [B, T, S + T]
+        # Every query sees at least itself, so padded queries never produce NaNs that would
+        # leak into the cache (0 * NaN is NaN even behind a mask).
+        allowed |= (kv_index[None, :] == query_slot[:, None])[None]
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[:, None]  # [B, 1, T, S + T]
+
+    def commit(self, token_lists: list[list[int]], inputs: ForwardInputs) -> None:
+        """Record the slots the forward appended to the HF cache."""
+        self.slot_valid = torch.cat([self.slot_valid, inputs.query_valid], dim=1)
+        for cached, tokens in zip(self.cached_tokens, token_lists):
+            cached.extend(tokens)
+
+    def truncate(self, row: int, num_tokens: int) -> None:
+        """Roll row back to its first `num_tokens` cached tokens."""
+        if num_tokens >= len(self.cached_tokens[row]):
+            return
+        valid = self.slot_valid[row]
+        self.slot_valid[row] = valid & (valid.cumsum(0) <= num_tokens)
+        del self.cached_tokens[row][num_tokens:]
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows`, in that order."""
+        index = torch.tensor(rows, dtype=torch.long)
+        for layer in self._layers():
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self.slot_valid = self.slot_valid[index]
+        self.cached_tokens = [self.cached_tokens[row] for row in rows]
+
+    def merge(self, other: "BatchKVCache") -> None:
+        """Append the rows of `other` after this cache's rows."""
+        if self.num_rows == 0:
+            self.hf_cache, self.slot_valid, self.cached_tokens = (
+                other.hf_cache, other.slot_valid, other.cached_tokens)
+            return
+        num_slots = max(self.num_slots, other.num_slots)
+        self._pad_slots(num_slots)
+        other._pad_slots(num_slots)
+        for mine, theirs in zip(self._layers(), other._layers()):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.slot_valid = torch.cat([self.slot_valid, other.slot_valid])
+        self.cached_tokens.extend(other.cached_tokens)
+
+    def needs_compaction(self) -> bool:
+        longest = max((len(tokens) for tokens in self.cached_tokens), default=0)
+        return self.num_slots > 2 * longest + 64
+
+    def compact(self) -> None:
+        """Gather each row's valid slots to the front and drop trailing slots."""
+        lengths = self.slot_valid.sum(1)  # [B]
+        longest = int(lengths.max()) if self.num_rows else 0
+        order = torch.sort((~self.slot_valid).to(torch.int8), dim=1, stable=True).indices
+        index = order[:, :longest]  # [B, L]: valid slots first, in order
+        for layer in self._layers():
+            layer.keys = _gather_slots(layer.keys, index)
+            layer.values = _gather_slots(layer.values, index)
+        self.slot_valid = torch.arange(longest)[None, :] < lengths[:, None]
+
+    def _pad_slots(self, num_slots: int) -> None:
+        extra = num_slots - self.num_slots
+        if extra == 0:
+            return
+        for layer in self._layers():
+            layer.keys = _pad_dim2(layer.keys, extra)
+            layer.values = _pad_dim2(layer.values, extra)
+        self.slot_valid = torch.cat([self.slot_valid, torch.zeros(self.num_rows, extra, dtype=torch.bool)], 1)
+
+    def _layers(self) -> list:
+        return [layer for layer in self.hf_cache.layers if getattr(layer, "is_initialized", False)]
+
+
+def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # states [B, H, S, D], index [B, L] -> [B, H, L, D]
+    expanded = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+    return states.gather(2, expanded)
+
+
+def _pad_dim2(states: torch.Tensor, extra: int) -> torch.Tensor:
+    padding = states.new_zeros(states.shape[0], states.shape[1], extra, states.shape[3])
+    return torch.cat([states, padding], dim=2)

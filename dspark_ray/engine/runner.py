@@ -1,0 +1,97 @@
+"""Runs one HF causal LM over a batch of sequences and keeps their KV caches.
+
+The runner knows sequence ids and token ids only: no drafts, no sampling, no stop rules. Its
+contract with callers: the cache of a sequence always holds a prefix of that sequence's tokens,
+and `sync` rolls it back to the longest prefix that is still true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from dspark_ray.engine.kv_cache import BatchKVCache
+from dspark_ray.engine.loading import context_limit
+
+
+class CausalLMRunner:
+    def __init__(self, model: PreTrainedModel, pad_token_id: int = 0) -> None:
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.max_position = context_limit(model)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.seq_ids: list[int] = []
+        self.cache = self._new_cache(0)
+
+    def _new_cache(self, num_rows: int) -> BatchKVCache:
+        return BatchKVCache(DynamicCache(config=self.model.config), num_rows)
+
+    def add(self, token_lists: Mapping[int, list[int]]) -> torch.Tensor:
+        """Prefill new sequences; returns logits after each one's last token. # [N, V]"""
+        new_ids = list(token_lists)
+        if any(seq_id in self.seq_ids for seq_id in new_ids):
+            raise ValueError("sequence already present in the runner")
+        prefill = self._new_cache(len(new_ids))
+        lists = [token_lists[seq_id] for seq_id in new_ids]
+        logits = self._forward(prefill, lists)  # [N, T, V]
+        last = torch.tensor([len(tokens) - 1 for tokens in lists])
+        self.cache.merge(prefill)
+        self.seq_ids.extend(new_ids)
+        return logits[torch.arange(len(new_ids)), last]
+
+    def remove(self, seq_ids: list[int]) -> None:
+        gone = set(seq_ids)
+        keep = [row for row, seq_id in enumerate(self.seq_ids) if seq_id not in gone]
+        if len(keep) == len(self.seq_ids):
+            return
+        self.cache.select(keep)
+        self.seq_ids = [self.seq_ids[row] for row in keep]
+        if not self.seq_ids:
+            self.cache = self._new_cache(0)
+
+    def forward(self, token_lists: Mapping[int, list[int]]) -> torch.Tensor:
+        """Append tokens to the named sequences (others get none); logits in row order. # [B, T, V]"""
+        lists = [token_lists.get(seq_id, []) for seq_id in self.seq_ids]
+        return self._forward(self.cache, lists)
+
+    def cached_tokens(self, seq_id: int) -> list[int]:
+        return self.cache.cached_tokens[self.seq_ids.index(seq_id)]
+
+    def uncached_suffix(self, seq_id: int, tokens: list[int]) -> list[int]:
+        """The tokens that must be fed to bring the cache to `tokens` (after `sync`)."""
+        return tokens[len(self.cached_tokens(seq_id)):]
+
+    def sync(self, committed: Mapping[int, list[int]]) -> None:
+        """Roll each named cache back to its longest prefix agreeing with `committed`, keeping the
+        last committed token uncached so the next forward yields logits after it."""
+        for row, seq_id in enumerate(self.seq_ids):
+            if seq_id not in committed:
+                continue
+            tokens, cached = committed[seq_id], self.cache.cached_tokens[row]
+            keep = _common_prefix_length(cached, tokens)
+            self.cache.truncate(row, min(keep, len(tokens) - 1))
+        if self.cache.needs_compaction():
+            self.cache.compact()
+
+    @torch.no_grad()
+    def _forward(self, cache: BatchKVCache, token_lists: list[list[int]]) -> torch.Tensor:
+        inputs = cache.prepare(token_lists, self.pad_token_id, self.dtype, self.max_position)
+        output = self.model(
+            input_ids=inputs.input_ids.to(self.device),
+            position_ids=inputs.position_ids.to(self.device),
+            attention_mask=inputs.attention_mask.to(self.device),
+            cache=cache.hf_cache,
+            use_cache=True,
+        )
+        cache.commit(token_lists, inputs)
+        return output.logits.float()
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    limit = min(len(a), len(b))
+    if a[:limit] == b[:limit]:
+        return limit
+    return next(i for i in range(limit) if a[i] != b[i])

@@ -1,0 +1,77 @@
+"""Per-sequence state owned by the engine: tokens, sampling settings, RNG, stop rules, stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from dspark_ray.core.sampling import SamplingParams, make_generator
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+
+
+@dataclass
+class SequenceStats:
+    num_steps: int = 0  # verification steps this sequence took part in
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Accepted draft tokens + 1 per step (vLLM's convention)."""
+        return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
+
+    def record(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_steps += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        missing = num_accepted - len(self.num_accepted_per_position)
+        self.num_accepted_per_position.extend([0] * max(0, missing))
+        for position in range(num_accepted):
+            self.num_accepted_per_position[position] += 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request: GenerationRequest
+    generator: torch.Generator
+    output_token_ids: list[int] = field(default_factory=list)
+    stats: SequenceStats = field(default_factory=SequenceStats)
+    finish_reason: FinishReason | None = None
+    stop_text_end: int | None = None  # output text is cut here when a stop string matched
+
+    @classmethod
+    def create(cls, seq_id: int, request: GenerationRequest) -> "Sequence":
+        return cls(seq_id, request, make_generator(request.sampling.seed))
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.request.max_tokens - len(self.output_token_ids)
