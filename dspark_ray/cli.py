@@ -9,7 +9,7 @@ import sys
 # Each module exposes `add_parser(subparsers)` that registers its subcommand and sets `func`.
 SUBCOMMAND_MODULES = (
     "dspark_ray.generate_cli",
-    "dspark_ray.bench.offline_cli",
+    "dspark_ray.bench.cli",
     "dspark_ray.reference.build",
 )
 

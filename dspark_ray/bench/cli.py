@@ -1,0 +1,11 @@
+"""`dspark-ray bench ...`: one subcommand per benchmark."""
+
+from __future__ import annotations
+
+from dspark_ray.bench import offline
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks that print figures")
+    benches = parser.add_subparsers(dest="bench", required=True)
+    offline.add_parser(benches)

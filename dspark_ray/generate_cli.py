@@ -1,0 +1,133 @@
+"""`dspark-ray generate`: decode prompts with the engine, one batch of concurrent sequences."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR, EngineConfig
+from dspark_ray.core.sampling import SamplingParams
+from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
+from dspark_ray.engine.sequence import GenerationRequest, Sequence
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds an engine."""
+    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target model directory (HF format)")
+    parser.add_argument("--draft", type=Path, default=DEFAULT_DRAFT_DIR, help="draft model directory (HF format)")
+    parser.add_argument("--drafter", choices=["model", "ngram", "none"], default="model", help="how drafts are proposed")
+    parser.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.model_fields["num_speculative_tokens"].default,
+                        help="most draft tokens per sequence and step")
+    parser.add_argument("--adaptive-speculation", choices=["off", "confidence", "heuristic"], default="confidence",
+                        help="per-step draft length schedule of drafter 'model'")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
+    fields = dict(target=args.target, draft=args.draft, drafter=args.drafter,
+                  num_speculative_tokens=args.num_speculative_tokens,
+                  adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device)
+    return EngineConfig(**{**fields, **overrides})
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text for prompts with speculative decoding",
+                                   description="Generate completions; all prompts decode together as one batch.")
+    add_engine_arguments(parser)
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="one prompt")
+    prompts.add_argument("--prompts", type=Path, help='JSONL file, one {"prompt": "..."} per line')
+    parser.add_argument("--max-tokens", type=int, default=64, help="most tokens generated per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables")
+    parser.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    parser.add_argument("--seed", type=int, default=None, help="per-request seed (prompt i uses seed + i)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--json", action="store_true", help="one JSON line per prompt with text, token ids and stats")
+    parser.set_defaults(func=run)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    prompts = []
+    for number, line in enumerate(args.prompts.read_text().splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{args.prompts}:{number}: expected {{\"prompt\": \"...\"}}")
+            prompts.append(record["prompt"])
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        prompts = read_prompts(args)
+        config = engine_config_from_args(args, max_batch_size=max(1, len(prompts)))
+        models = load_models(config)
+        requests = [make_request(models, prompt, args, index) for index, prompt in enumerate(prompts)]
+    except (ValueError, OSError) as error:
+        print(f"dspark-ray generate: error: {error}", file=sys.stderr)
+        return 2
+    engine = build_engine(config, models)
+    for prompt, result in zip(prompts, timed_generate(engine, requests)):
+        print_result(models, prompt, result, args.json)
+    return 0
+
+
+def make_request(models: LoadedModels, prompt: str, args: argparse.Namespace, index: int) -> GenerationRequest:
+    seed = None if args.seed is None else args.seed + index
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, seed=seed)
+    return GenerationRequest(models.tokenizer.encode(prompt), sampling, args.max_tokens, tuple(args.stop))
+
+
+class TimedSequence:
+    def __init__(self, seq: Sequence, elapsed_s: float) -> None:
+        self.seq, self.elapsed_s = seq, elapsed_s
+
+
+def timed_generate(engine, requests: list[GenerationRequest]) -> list[TimedSequence]:
+    """Run requests as one batch; each one's elapsed time ends when it finishes."""
+    seqs = [engine.add_request(request) for request in requests]
+    finished_at: dict[int, float] = {}
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for seq in engine.step():
+            finished_at[seq.seq_id] = time.perf_counter() - start
+    return [TimedSequence(seq, finished_at[seq.seq_id]) for seq in seqs]
+
+
+def output_text(models: LoadedModels, seq: Sequence) -> str:
+    text = models.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+    return text if seq.stop_text_end is None else text[: seq.stop_text_end]
+
+
+def print_result(models: LoadedModels, prompt: str, result: TimedSequence, as_json: bool) -> None:
+    seq, text = result.seq, output_text(models, result.seq)
+    if not as_json:
+        print(prompt + text)
+        return
+    stats = seq.stats
+    print(json.dumps({
+        "prompt": prompt,
+        "text": text,
+        "token_ids": seq.output_token_ids,
+        "finish_reason": seq.finish_reason.value,
+        "num_generated_tokens": len(seq.output_token_ids),
+        "num_steps": stats.num_steps,
+        "num_draft_tokens": stats.num_draft_tokens,
+        "num_accepted_tokens": stats.num_accepted_tokens,
+        "mean_acceptance_length": round(stats.mean_acceptance_length, 4),
+        "elapsed_s": round(result.elapsed_s, 4),
+    }))
