@@ -1,32 +1,30 @@
 """The speculative decoding engine: one process, continuous batching, any drafter.
 
 Each step: (1) admit waiting requests (prefill; the target emits their first token), (2) the
-drafter proposes up to `num_speculative_tokens` tokens per running sequence, (3) ONE target
-forward scores the drafts of all running sequences (ragged lengths), (4) the lossless rule of
-`dspark_ray.core.verification` decides what to keep, (5) stop rules append the kept tokens,
-(6) target and drafter caches roll back to what was committed, finished sequences leave.
+drafter proposes up to `num_speculative_tokens` tokens per running sequence, (3) the verifier
+scores the drafts of all running sequences in ONE target forward (ragged lengths) and applies the
+lossless rule of `dspark_ray.core.verification`, (4) stop rules append the kept tokens, (5) target
+and drafter caches roll back to what was committed, finished sequences leave.
 
-The engine knows token ids only; text enters through the optional `decode` of the stop rules.
+The engine owns the authoritative per-sequence state. It knows token ids only; text enters
+through the optional `decode` of the stop rules.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-import torch
-
-from dspark_ray.core.sampling import SamplingTensors
-from dspark_ray.core.verification import verify
+from dspark_ray.core.verification import VerificationResult
 from dspark_ray.engine.drafters.base import DraftProposal, Drafter
-from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 from dspark_ray.engine.stopping import StopRules
+from dspark_ray.engine.verifier import Verifier
 
 
 class SpeculativeEngine:
-    def __init__(self, target: CausalLMRunner, drafter: Drafter, stop_rules: StopRules,
+    def __init__(self, verifier: Verifier, drafter: Drafter, stop_rules: StopRules,
                  num_speculative_tokens: int, max_batch_size: int = 32) -> None:
-        self.target = target
+        self.verifier = verifier
         self.drafter = drafter
         self.stop_rules = stop_rules
         self.num_speculative_tokens = num_speculative_tokens
@@ -74,43 +72,24 @@ class SpeculativeEngine:
         admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
         if not admitted:
             return []
-        logits = self.target.add({seq.seq_id: seq.request.prompt_token_ids for seq in admitted})  # [N, V]
         self.running.extend(admitted)
-        self._commit(admitted, DraftProposal.empty(len(admitted)), logits[:, None], is_prefill=True)
+        result = self.verifier.add(admitted)
+        for row, seq in enumerate(admitted):  # the prefill's token is no verification step: no stats
+            self.stop_rules.append(seq, result.tokens(row))
         self.drafter.add([seq for seq in admitted if not seq.is_finished])
         return admitted
 
     def _speculate(self, seqs: list[Sequence]) -> None:
         proposal = self.drafter.propose(seqs, [self._draft_budget(seq) for seq in seqs])
-        suffixes = [self.target.uncached_suffix(seq.seq_id, seq.token_ids) for seq in seqs]
-        feed = {seq.seq_id: suffix + proposal.draft_token_ids[row, : int(proposal.num_draft_tokens[row])].tolist()
-                for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
-        logits = self.target.forward(feed)  # [R, T, V] in target row order
-        rows = torch.tensor([self.target.seq_ids.index(seq.seq_id) for seq in seqs])  # [B]
-        first = torch.tensor([len(suffix) - 1 for suffix in suffixes])  # [B]
-        positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]
-        target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
-        num_accepted = self._commit(seqs, proposal, target_logits)
-        self.target.sync({seq.seq_id: seq.token_ids for seq in seqs})
-        self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), num_accepted)
+        result = self.verifier.verify(seqs, proposal)
+        self._commit(seqs, proposal, result)
+        self.verifier.sync(seqs)
+        self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), result.num_accepted.tolist())
 
-    def _commit(self, seqs: list[Sequence], proposal: DraftProposal, target_logits: torch.Tensor,
-                is_prefill: bool = False) -> list[int]:
-        """Verify and append the kept tokens; returns accepted draft tokens per sequence."""
-        draft_probs = proposal.draft_probs
-        if draft_probs is None and proposal.draft_token_ids.shape[1] == 0:
-            draft_probs = target_logits.new_zeros(len(seqs), 0, target_logits.shape[-1])  # [B, 0, V]
-        result = verify(
-            proposal.draft_token_ids, proposal.num_draft_tokens, draft_probs, target_logits,
-            SamplingTensors.from_params([seq.request.sampling for seq in seqs]),
-            [seq.generator for seq in seqs],
-        )
-        num_accepted = result.num_accepted.tolist()
+    def _commit(self, seqs: list[Sequence], proposal: DraftProposal, result: VerificationResult) -> None:
         for row, seq in enumerate(seqs):
-            if not is_prefill:  # the prefill's token is no verification step
-                seq.stats.record(int(proposal.num_draft_tokens[row]), num_accepted[row])
+            seq.stats.record(int(proposal.num_draft_tokens[row]), int(result.num_accepted[row]))
             self.stop_rules.append(seq, result.tokens(row))
-        return num_accepted
 
     def _draft_budget(self, seq: Sequence) -> int:
         # Each step emits up to budget + 1 tokens and the target scores positions up to
@@ -127,7 +106,7 @@ class SpeculativeEngine:
         if not seqs:
             return
         seq_ids = [seq.seq_id for seq in seqs]
-        self.target.remove(seq_ids)
+        self.verifier.remove(seq_ids)
         self.drafter.remove(seq_ids)
         gone = set(seq_ids)
         self.running = [seq for seq in self.running if seq.seq_id not in gone]

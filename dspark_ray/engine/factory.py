@@ -15,6 +15,7 @@ from dspark_ray.engine.loading import (check_shared_vocabulary, context_limit, l
                                        load_tokenizer, vocab_size)
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.stopping import StopRules
+from dspark_ray.engine.verifier import TargetVerifier
 
 
 @dataclass
@@ -38,7 +39,7 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
     stop_rules = StopRules(eos_token_ids(models), context_limit(models.target),
                            lambda ids: models.tokenizer.decode(ids, skip_special_tokens=True))
     return SpeculativeEngine(
-        CausalLMRunner(models.target, pad_token_id),
+        TargetVerifier(CausalLMRunner(models.target, pad_token_id)),
         build_drafter(config, models, pad_token_id),
         stop_rules,
         config.num_speculative_tokens,

@@ -16,6 +16,9 @@ class DraftProposal:
     num_draft_tokens: torch.Tensor  # [B] int64
     draft_probs: torch.Tensor | None  # [B, K, V] float32: the distributions drafts were sampled from
 
+    def drafts(self, row: int) -> list[int]:
+        return self.draft_token_ids[row, : int(self.num_draft_tokens[row])].tolist()
+
     @classmethod
     def empty(cls, batch_size: int) -> "DraftProposal":
         return cls(torch.zeros(batch_size, 0, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long), None)

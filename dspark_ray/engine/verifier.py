@@ -1,0 +1,68 @@
+"""The target side of a step: score drafts with ONE target forward and apply the lossless rule.
+
+`TargetVerifier` is the in-process implementation; the serving layer puts a remote proxy with the
+same four verbs in front of a tensor-parallel target. It knows nothing about stop rules: the caller
+commits what it keeps and then calls `sync` so the cache matches the committed tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from dspark_ray.core.sampling import SamplingTensors
+from dspark_ray.core.verification import VerificationResult, verify
+from dspark_ray.engine.drafters.base import DraftProposal
+from dspark_ray.engine.runner import CausalLMRunner
+from dspark_ray.engine.sequence import Sequence
+
+
+class Verifier(Protocol):
+    def add(self, seqs: list[Sequence]) -> VerificationResult:
+        """Prefill prompts; the result holds each sequence's first token (an empty-draft verification)."""
+
+    def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerificationResult:
+        """Score each sequence's drafts after its committed tokens and decide what to keep."""
+
+    def sync(self, seqs: list[Sequence]) -> None:
+        """Roll caches back to the committed tokens of `seqs`."""
+
+    def remove(self, seq_ids: list[int]) -> None:
+        """Free the caches of finished sequences."""
+
+
+class TargetVerifier:
+    def __init__(self, runner: CausalLMRunner) -> None:
+        self.runner = runner
+
+    def add(self, seqs: list[Sequence]) -> VerificationResult:
+        logits = self.runner.add({seq.seq_id: seq.request.prompt_token_ids for seq in seqs})  # [N, V]
+        return _verify(seqs, DraftProposal.empty(len(seqs)), logits[:, None])
+
+    def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerificationResult:
+        suffixes = [self.runner.uncached_suffix(seq.seq_id, seq.token_ids) for seq in seqs]
+        feed = {seq.seq_id: suffix + proposal.drafts(row) for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
+        logits = self.runner.forward(feed)  # [R, T, V] in runner row order
+        rows = torch.tensor([self.runner.seq_ids.index(seq.seq_id) for seq in seqs])  # [B]
+        first = torch.tensor([len(suffix) - 1 for suffix in suffixes])  # [B]: logits after the last committed token
+        positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]  # [B, K+1]
+        target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
+        return _verify(seqs, proposal, target_logits)
+
+    def sync(self, seqs: list[Sequence]) -> None:
+        self.runner.sync({seq.seq_id: seq.token_ids for seq in seqs})
+
+    def remove(self, seq_ids: list[int]) -> None:
+        self.runner.remove(seq_ids)
+
+
+def _verify(seqs: list[Sequence], proposal: DraftProposal, target_logits: torch.Tensor) -> VerificationResult:
+    draft_probs = proposal.draft_probs
+    if draft_probs is None and proposal.draft_token_ids.shape[1] == 0:
+        draft_probs = target_logits.new_zeros(len(seqs), 0, target_logits.shape[-1])  # [B, 0, V]
+    return verify(
+        proposal.draft_token_ids, proposal.num_draft_tokens, draft_probs, target_logits,
+        SamplingTensors.from_params([seq.request.sampling for seq in seqs]),
+        [seq.generator for seq in seqs],
+    )
