@@ -1,0 +1,51 @@
+"""Generate the Python gRPC code for `protos/dspark/v1/*.proto` into `dspark_ray/serving/generated/`.
+
+Run `python -m dspark_ray.serving.protogen` after editing a proto (needs grpcio-tools, a dev
+dependency). The output is committed and never edited by hand; `tests/serving/test_protos_in_sync.py`
+fails when it drifts from the protos. Import generated modules through `dspark_ray.serving.wire`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROTO_ROOT = REPO_ROOT / "protos"
+GENERATED_ROOT = Path(__file__).resolve().parent / "generated"
+PACKAGE = "dspark_ray.serving.generated"
+
+
+def generate(out_dir: Path) -> list[Path]:
+    from grpc_tools import protoc
+
+    protos = sorted(PROTO_ROOT.rglob("*.proto"))
+    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}", *[str(p.relative_to(PROTO_ROOT)) for p in protos]]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed")
+    outputs = sorted(p for p in out_dir.rglob("*") if p.suffix in {".py", ".pyi"})
+    for path in outputs:  # generated modules import each other by proto package: make it ours
+        path.write_text(re.sub(r"^from dspark\.v1 import", f"from {PACKAGE}.dspark.v1 import",
+                               path.read_text(), flags=re.M))
+    for package_dir in {out_dir, *(p.parent for p in outputs)}:
+        (package_dir / "__init__.py").touch()
+    return outputs
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp))
+        for path in Path(tmp).rglob("*"):
+            if path.is_file():
+                target = GENERATED_ROOT / path.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+    print(f"generated into {GENERATED_ROOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
