@@ -73,18 +73,19 @@ class SpeculativeEngine:
         if not admitted:
             return []
         self.running.extend(admitted)
-        result = self.verifier.add(admitted)
+        output = self.verifier.add(admitted)
         for row, seq in enumerate(admitted):  # the prefill's token is no verification step: no stats
-            self.stop_rules.append(seq, result.tokens(row))
-        self.drafter.add([seq for seq in admitted if not seq.is_finished])
+            self.stop_rules.append(seq, output.result.tokens(row))
+        self.drafter.add([seq for seq in admitted if not seq.is_finished], output.target_features)
         return admitted
 
     def _speculate(self, seqs: list[Sequence]) -> None:
         proposal = self.drafter.propose(seqs, [self._draft_budget(seq) for seq in seqs])
-        result = self.verifier.verify(seqs, proposal)
-        self._commit(seqs, proposal, result)
+        output = self.verifier.verify(seqs, proposal)
+        self._commit(seqs, proposal, output.result)
         self.verifier.sync(seqs)
-        self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), result.num_accepted.tolist())
+        self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), output.result.num_accepted.tolist(),
+                                 output.target_features)
 
     def _commit(self, seqs: list[Sequence], proposal: DraftProposal, result: VerificationResult) -> None:
         for row, seq in enumerate(seqs):

@@ -12,13 +12,17 @@ from collections.abc import Mapping
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from dspark_ray.engine.feature_capture import LayerCapture
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import context_limit
 
 
 class CausalLMRunner:
-    def __init__(self, model: PreTrainedModel, pad_token_id: int = 0) -> None:
+    def __init__(self, model: PreTrainedModel, pad_token_id: int = 0,
+                 capture_layers: list[int] | None = None) -> None:
         self.model = model
+        self.capture = LayerCapture(model, capture_layers) if capture_layers else None
+        self.last_features: torch.Tensor | None = None  # [B, T, L*H] of the last forward, if capturing
         self.pad_token_id = pad_token_id
         self.max_position = context_limit(model)
         self.dtype = next(model.parameters()).dtype
@@ -87,6 +91,8 @@ class CausalLMRunner:
             use_cache=True,
         )
         cache.commit(token_lists, inputs)
+        if self.capture is not None:
+            self.last_features = self.capture.take()
         return output.logits.float()
 
 

@@ -7,22 +7,31 @@ commits what it keeps and then calls `sync` so the cache matches the committed t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from dspark_ray.core.sampling import SamplingTensors
 from dspark_ray.core.verification import VerificationResult, verify
-from dspark_ray.engine.drafters.base import DraftProposal
+from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.sequence import Sequence
 
 
+@dataclass(frozen=True, eq=False)
+class VerifyOutput:
+    result: VerificationResult
+    # Captured target layers (DSpark) for the tokens this forward cached and kept: the fed
+    # committed tokens and the accepted drafts, in order. None when no layers are captured.
+    target_features: TargetFeatures | None = None
+
+
 class Verifier(Protocol):
-    def add(self, seqs: list[Sequence]) -> VerificationResult:
+    def add(self, seqs: list[Sequence]) -> VerifyOutput:
         """Prefill prompts; the result holds each sequence's first token (an empty-draft verification)."""
 
-    def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerificationResult:
+    def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
         """Score each sequence's drafts after its committed tokens and decide what to keep."""
 
     def sync(self, seqs: list[Sequence]) -> None:
@@ -36,11 +45,13 @@ class TargetVerifier:
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
 
-    def add(self, seqs: list[Sequence]) -> VerificationResult:
-        logits = self.runner.add({seq.seq_id: seq.request.prompt_token_ids for seq in seqs})  # [N, V]
-        return _verify(seqs, DraftProposal.empty(len(seqs)), logits[:, None])
+    def add(self, seqs: list[Sequence]) -> VerifyOutput:
+        prompts = [seq.request.prompt_token_ids for seq in seqs]
+        logits = self.runner.add({seq.seq_id: prompt for seq, prompt in zip(seqs, prompts)})  # [N, V]
+        result = _verify(seqs, DraftProposal.empty(len(seqs)), logits[:, None])
+        return VerifyOutput(result, self._features(seqs, range(len(seqs)), [len(p) for p in prompts]))
 
-    def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerificationResult:
+    def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
         suffixes = [self.runner.uncached_suffix(seq.seq_id, seq.token_ids) for seq in seqs]
         feed = {seq.seq_id: suffix + proposal.drafts(row) for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
         logits = self.runner.forward(feed)  # [R, T, V] in runner row order
@@ -48,7 +59,15 @@ class TargetVerifier:
         first = torch.tensor([len(suffix) - 1 for suffix in suffixes])  # [B]: logits after the last committed token
         positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]  # [B, K+1]
         target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
-        return _verify(seqs, proposal, target_logits)
+        result = _verify(seqs, proposal, target_logits)
+        kept = [len(suffix) + int(n) for suffix, n in zip(suffixes, result.num_accepted)]
+        return VerifyOutput(result, self._features(seqs, rows.tolist(), kept))
+
+    def _features(self, seqs: list[Sequence], rows, num_kept: list[int]) -> TargetFeatures | None:
+        features = self.runner.last_features  # [R, T, L*H]
+        if features is None:
+            return None
+        return {seq.seq_id: features[row, :kept] for seq, row, kept in zip(seqs, rows, num_kept)}
 
     def sync(self, seqs: list[Sequence]) -> None:
         self.runner.sync({seq.seq_id: seq.token_ids for seq in seqs})

@@ -9,6 +9,8 @@ import torch
 
 from dspark_ray.engine.sequence import Sequence
 
+TargetFeatures = dict[int, torch.Tensor]  # seq_id -> [N, L*H] captured target states of newly cached tokens
+
 
 @dataclass(frozen=True)
 class DraftProposal:
@@ -42,7 +44,7 @@ class DraftProposal:
 
 
 class Drafter(Protocol):
-    def add(self, seqs: list[Sequence]) -> None:
+    def add(self, seqs: list[Sequence], target_features: TargetFeatures | None = None) -> None:
         """Start tracking new sequences (their prompt and first output token are committed)."""
 
     def remove(self, seq_ids: list[int]) -> None:
@@ -51,14 +53,15 @@ class Drafter(Protocol):
     def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
         """Draft up to max_draft_tokens[b] tokens after each sequence's committed tokens."""
 
-    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int]) -> None:
+    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],
+                    target_features: TargetFeatures | None = None) -> None:
         """The target kept num_accepted[b] of num_drafted[b]; seqs already hold the new tokens."""
 
 
 class NoDrafter:
     """Target-only decoding through the same engine: every step verifies an empty draft."""
 
-    def add(self, seqs: list[Sequence]) -> None:
+    def add(self, seqs: list[Sequence], target_features: TargetFeatures | None = None) -> None:
         pass
 
     def remove(self, seq_ids: list[int]) -> None:
@@ -67,5 +70,6 @@ class NoDrafter:
     def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
         return DraftProposal.empty(len(seqs))
 
-    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int]) -> None:
+    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],
+                    target_features: TargetFeatures | None = None) -> None:
         pass

@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from dspark_ray.core.sampling import SamplingTensors, logits_to_probs, sample_from_probs
-from dspark_ray.engine.drafters.base import DraftProposal
+from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
 from dspark_ray.engine.loading import context_limit
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.sequence import Sequence
@@ -29,7 +29,7 @@ class DraftModelDrafter:
         self.confidence_threshold = confidence_threshold
         self.draft_length: dict[int, int] = {}  # per-sequence length for the 'heuristic' schedule
 
-    def add(self, seqs: list[Sequence]) -> None:
+    def add(self, seqs: list[Sequence], target_features: TargetFeatures | None = None) -> None:
         fits = [seq for seq in seqs if seq.num_tokens < self.max_position]
         if fits:
             self.runner.add({seq.seq_id: seq.token_ids[:-1] for seq in fits})
@@ -66,7 +66,8 @@ class DraftModelDrafter:
             feed = next_feed
         return DraftProposal.from_lists(tokens, probs if any_sampled else None, self.vocab_size)
 
-    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int]) -> None:
+    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],
+                    target_features: TargetFeatures | None = None) -> None:
         self.runner.sync({seq.seq_id: seq.token_ids for seq in seqs if seq.seq_id in self.runner.seq_ids})
         if self.adaptive == "heuristic":
             for seq, drafted, accepted in zip(seqs, num_drafted, num_accepted):

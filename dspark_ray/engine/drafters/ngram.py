@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dspark_ray.engine.drafters.base import DraftProposal
+from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
 from dspark_ray.engine.sequence import Sequence
 
 
@@ -30,7 +30,7 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def add(self, seqs: list[Sequence]) -> None:
+    def add(self, seqs: list[Sequence], target_features: TargetFeatures | None = None) -> None:
         pass
 
     def remove(self, seq_ids: list[int]) -> None:
@@ -47,5 +47,6 @@ class NgramDrafter:
     def _one_hot(self, token: int) -> torch.Tensor:
         return torch.nn.functional.one_hot(torch.tensor(token), self.vocab_size).float()
 
-    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int]) -> None:
+    def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],
+                    target_features: TargetFeatures | None = None) -> None:
         pass
