@@ -17,6 +17,9 @@ class DraftProposal:
     draft_token_ids: torch.Tensor  # [B, K] int64, padded past num_draft_tokens
     num_draft_tokens: torch.Tensor  # [B] int64
     draft_probs: torch.Tensor | None  # [B, K, V] float32: the distributions drafts were sampled from
+    # Logits of the drafter's per-position acceptance estimates (DSpark's confidence head), before
+    # calibration; None for drafters without one.
+    confidence_logits: torch.Tensor | None = None  # [B, K] float32
 
     def drafts(self, row: int) -> list[int]:
         return self.draft_token_ids[row, : int(self.num_draft_tokens[row])].tolist()
