@@ -28,8 +28,10 @@ def generate(out_dir: Path) -> list[Path]:
         raise RuntimeError("protoc failed")
     outputs = sorted(p for p in out_dir.rglob("*") if p.suffix in {".py", ".pyi"})
     for path in outputs:  # generated modules import each other by proto package: make it ours
-        path.write_text(re.sub(r"^from dspark\.v1 import", f"from {PACKAGE}.dspark.v1 import",
-                               path.read_text(), flags=re.M))
+        text = re.sub(r"^from dspark\.v1 import", f"from {PACKAGE}.dspark.v1 import", path.read_text(), flags=re.M)
+        # Messages carry this module name; pickling them (Serve's gRPC ingress does) needs the real one.
+        text = text.replace("(DESCRIPTOR, 'dspark.v1.", f"(DESCRIPTOR, '{PACKAGE}.dspark.v1.")
+        path.write_text(text)
     for package_dir in {out_dir, *(p.parent for p in outputs)}:
         (package_dir / "__init__.py").touch()
     return outputs
