@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from collections import deque
 
-from dspark_ray.core.verification import VerificationResult
 from dspark_ray.engine.drafters.base import DraftProposal, Drafter
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 from dspark_ray.engine.stopping import StopRules
-from dspark_ray.engine.verifier import Verifier
+from dspark_ray.engine.verifier import Verifier, VerifyOutput
 
 
 class SpeculativeEngine:
@@ -49,11 +48,12 @@ class SpeculativeEngine:
 
     def step(self) -> list[Sequence]:
         """Advance every sequence by one verification; returns those that finished."""
-        admitted = self._admit()
+        admitted = self.admit()
         speculating = [seq for seq in self.running if seq not in admitted]
         if speculating:
-            self._speculate(speculating)
-        return self._retire()
+            proposal = self.propose(speculating)
+            self.commit(speculating, proposal, self.verifier.verify(speculating, proposal))
+        return self.retire()
 
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
         seqs = [self.add_request(request) for request in requests]
@@ -66,7 +66,10 @@ class SpeculativeEngine:
         self.waiting = deque(seq for seq in self.waiting if seq.seq_id not in gone)
         self._release([seq for seq in self.running if seq.seq_id in gone])
 
-    def _admit(self) -> list[Sequence]:
+    # The phases of a step are public so a step strategy (the serving layer's pipelined engine)
+    # can interleave them across micro-batches without copying the commit and stop logic.
+
+    def admit(self) -> list[Sequence]:
         """Prefill waiting prompts; the target's next-token distribution gives their first token."""
         room = self.max_batch_size - len(self.running)
         admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
@@ -79,18 +82,18 @@ class SpeculativeEngine:
         self.drafter.add([seq for seq in admitted if not seq.is_finished], output.target_features)
         return admitted
 
-    def _speculate(self, seqs: list[Sequence]) -> None:
-        proposal = self.drafter.propose(seqs, [self._draft_budget(seq) for seq in seqs])
-        output = self.verifier.verify(seqs, proposal)
-        self._commit(seqs, proposal, output.result)
-        self.verifier.sync(seqs)
-        self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), output.result.num_accepted.tolist(),
-                                 output.target_features)
+    def propose(self, seqs: list[Sequence]) -> DraftProposal:
+        return self.drafter.propose(seqs, [self._draft_budget(seq) for seq in seqs])
 
-    def _commit(self, seqs: list[Sequence], proposal: DraftProposal, result: VerificationResult) -> None:
+    def commit(self, seqs: list[Sequence], proposal: DraftProposal, output: VerifyOutput) -> None:
+        """Append what the verifier kept (stop rules apply), then bring target and drafter in line."""
+        result = output.result
         for row, seq in enumerate(seqs):
             seq.stats.record(int(proposal.num_draft_tokens[row]), int(result.num_accepted[row]))
             self.stop_rules.append(seq, result.tokens(row))
+        self.verifier.sync(seqs)
+        self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), result.num_accepted.tolist(),
+                                 output.target_features)
 
     def _draft_budget(self, seq: Sequence) -> int:
         # Each step emits up to budget + 1 tokens and the target scores positions up to
@@ -98,7 +101,7 @@ class SpeculativeEngine:
         room_in_context = self.stop_rules.context_limit - seq.num_tokens - 1
         return max(0, min(self.num_speculative_tokens, seq.remaining_tokens - 1, room_in_context))
 
-    def _retire(self) -> list[Sequence]:
+    def retire(self) -> list[Sequence]:
         finished = [seq for seq in self.running if seq.is_finished]
         self._release(finished)
         return finished

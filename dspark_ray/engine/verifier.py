@@ -27,6 +27,13 @@ class VerifyOutput:
     target_features: TargetFeatures | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class DraftScores:
+    target_logits: torch.Tensor  # [B, K+1, V]: position j scores draft j, the last one the bonus
+    rows: list[int]  # [B] each sequence's row in the runner
+    num_fed_committed: list[int]  # [B] committed tokens fed before the drafts
+
+
 class Verifier(Protocol):
     def add(self, seqs: list[Sequence]) -> VerifyOutput:
         """Prefill prompts; the result holds each sequence's first token (an empty-draft verification)."""
@@ -46,12 +53,25 @@ class TargetVerifier:
         self.runner = runner
 
     def add(self, seqs: list[Sequence]) -> VerifyOutput:
-        prompts = [seq.request.prompt_token_ids for seq in seqs]
-        logits = self.runner.add({seq.seq_id: prompt for seq, prompt in zip(seqs, prompts)})  # [N, V]
+        logits = self.prefill(seqs)  # [N, V]
         result = _verify(seqs, DraftProposal.empty(len(seqs)), logits[:, None])
-        return VerifyOutput(result, self._features(seqs, range(len(seqs)), [len(p) for p in prompts]))
+        num_kept = [len(seq.request.prompt_token_ids) for seq in seqs]
+        return VerifyOutput(result, self._features(seqs, range(len(seqs)), num_kept))
 
     def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
+        scores = self.score(seqs, proposal)
+        result = _verify(seqs, proposal, scores.target_logits)
+        kept = [fed + int(n) for fed, n in zip(scores.num_fed_committed, result.num_accepted)]
+        return VerifyOutput(result, self._features(seqs, scores.rows, kept))
+
+    # The forward halves of add and verify: tensor-parallel ranks other than 0 run only these,
+    # in lockstep with rank 0, which also applies the rule.
+
+    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Cache the prompts; logits after each one's last token. # [N, V]"""
+        return self.runner.add({seq.seq_id: seq.request.prompt_token_ids for seq in seqs})
+
+    def score(self, seqs: list[Sequence], proposal: DraftProposal) -> DraftScores:
         suffixes = [self.runner.uncached_suffix(seq.seq_id, seq.token_ids) for seq in seqs]
         feed = {seq.seq_id: suffix + proposal.drafts(row) for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
         logits = self.runner.forward(feed)  # [R, T, V] in runner row order
@@ -59,9 +79,7 @@ class TargetVerifier:
         first = torch.tensor([len(suffix) - 1 for suffix in suffixes])  # [B]: logits after the last committed token
         positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]  # [B, K+1]
         target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
-        result = _verify(seqs, proposal, target_logits)
-        kept = [len(suffix) + int(n) for suffix, n in zip(suffixes, result.num_accepted)]
-        return VerifyOutput(result, self._features(seqs, rows.tolist(), kept))
+        return DraftScores(target_logits, rows.tolist(), [len(suffix) for suffix in suffixes])
 
     def _features(self, seqs: list[Sequence], rows, num_kept: list[int]) -> TargetFeatures | None:
         features = self.runner.last_features  # [R, T, L*H]

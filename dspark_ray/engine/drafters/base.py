@@ -24,6 +24,12 @@ class DraftProposal:
     def drafts(self, row: int) -> list[int]:
         return self.draft_token_ids[row, : int(self.num_draft_tokens[row])].tolist()
 
+    def select(self, rows: list[int]) -> "DraftProposal":
+        """The proposal of `rows` only, in that order."""
+        index = torch.tensor(rows, dtype=torch.long)
+        draft_probs = None if self.draft_probs is None else self.draft_probs[index]
+        return DraftProposal(self.draft_token_ids[index], self.num_draft_tokens[index], draft_probs)
+
     @classmethod
     def empty(cls, batch_size: int) -> "DraftProposal":
         return cls(torch.zeros(batch_size, 0, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long), None)
