@@ -1,0 +1,1 @@
+"""DeepSpec: build drafters for a target (prepare data, train, calibrate, evaluate)."""

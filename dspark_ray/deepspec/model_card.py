@@ -1,0 +1,51 @@
+"""README.md model cards for drafters trained by `deepspec train`: what, for which target, how, how long."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_card(args: argparse.Namespace, model, outcome, command: str) -> str:
+    if args.draft_lm:
+        title, what = "Distilled draft LM", (
+            "A small dense Llama LM distilled (KL to the target's distribution + CE) from the same "
+            "regenerated data as the DSpark drafters, for comparison (`--drafter model`).")
+        shape = json.dumps({k: getattr(model.config, k) for k in
+                            ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")})
+    else:
+        config = model.config
+        kind = "parallel-only ablation (no sequential head)" if config.sequential_head == "none" else \
+            f"`{config.sequential_head}` sequential head"
+        title, what = "DSpark drafter", (
+            f"A DSpark drafter ({kind}): a {config.num_layers}-layer parallel backbone conditioned on target "
+            f"layers {list(config.target_layer_ids)}, drafting blocks of {config.block_size} tokens in one "
+            "forward, plus a confidence head. It borrows the target's token embeddings and lm_head "
+            "(not stored here), so it loads only against the target it was trained for "
+            f"(`{config.target.architecture}`, fingerprint `{config.target.fingerprint[:16]}...`).")
+        shape = config.model_dump_json(exclude={"target"})
+    final = json.dumps(outcome.final)
+    return f"""# {title}
+
+{what}
+
+- Parameters (own, excluding the target's borrowed embeddings/lm_head): {_num_params(model):,}
+- Shape: `{shape}`
+- Saved weights dtype: {args.storage_dtype}
+
+## Training
+
+- Command: `{command}`
+- Data: `{args.data}` ({outcome.num_records} regenerated sequences, {outcome.num_tokens} tokens); target states
+  {"from the on-disk cache" if args.features == "cache" else "from the cache if present, else computed on the fly"}
+- Steps: {outcome.steps} x {args.batch_size} sequences{"" if args.draft_lm else f" x {args.anchors} anchor blocks"},
+  lr {args.lr}, seed {args.seed}; loss weights ce/tv/conf = {args.w_ce}/{args.w_tv}/{args.w_conf}
+- Wall-clock training time: {outcome.elapsed_s:.0f} s on {torch.get_num_threads()} CPU threads
+- Last step: `{final}`
+"""
