@@ -11,6 +11,7 @@ SUBCOMMAND_MODULES = (
     "dspark_ray.generate_cli",
     "dspark_ray.bench.cli",
     "dspark_ray.reference.build",
+    "dspark_ray.profile_cli",
 )
 
 

@@ -50,6 +50,22 @@ class EngineConfig(FrozenModel):
     dtype: DType = Field("float32", description="Weights and activations dtype of both models.")
     device: str = Field("cpu", description="torch device of both models, e.g. 'cpu' or 'cuda:0'.")
     max_batch_size: int = Field(32, ge=1, description="Most sequences decoded together.")
+    verification_schedule: Literal["fixed", "confidence"] = Field(
+        "fixed",
+        description=(
+            "How many of its drafts each sequence sends to the target per step: 'fixed' verifies all of "
+            "them; 'confidence' lets DSpark's prefix scheduler cut each draft to the length that maximises "
+            "expected tokens x target steps per second, from the drafter's calibrated confidence (its "
+            "calibration.json) and the target's SPS profile. Drafters without a confidence head verify all."
+        ),
+    )
+    sps_profile: Path | None = Field(
+        None,
+        description=(
+            "SPS(B) profile of the target (JSON from `dspark-ray profile`) for verification_schedule "
+            "'confidence'; default: <target>_profile.json next to the target directory."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_drafter_inputs(self) -> "EngineConfig":

@@ -25,6 +25,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most draft tokens per sequence and step")
     parser.add_argument("--adaptive-speculation", choices=["off", "confidence", "heuristic"], default="confidence",
                         help="per-step draft length schedule of drafter 'model'")
+    parser.add_argument("--verification-schedule", choices=["fixed", "confidence"], default="fixed",
+                        help="'confidence': DSpark's prefix scheduler picks each sequence's verified draft length "
+                             "from calibrated confidence and the target's SPS profile; 'fixed' verifies all drafts")
+    parser.add_argument("--sps-profile", type=Path, default=None,
+                        help="target SPS profile JSON from `dspark-ray profile` (default: <target>_profile.json)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -33,7 +38,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
     fields = dict(target=args.target, draft=args.draft, drafter=args.drafter,
                   num_speculative_tokens=args.num_speculative_tokens,
-                  adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device)
+                  adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device,
+                  verification_schedule=args.verification_schedule, sps_profile=args.sps_profile)
     return EngineConfig(**{**fields, **overrides})
 
 
@@ -76,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
         config = engine_config_from_args(args, max_batch_size=max(1, len(prompts)))
         models = load_models(config)
         requests = [make_request(models, prompt, args, index) for index, prompt in enumerate(prompts)]
+        engine = build_engine(config, models)
     except (ValueError, OSError) as error:
         print(f"dspark-ray generate: error: {error}", file=sys.stderr)
         return 2
-    engine = build_engine(config, models)
     for prompt, result in zip(prompts, timed_generate(engine, requests)):
         print_result(models, prompt, result, args.json)
     return 0

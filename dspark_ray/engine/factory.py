@@ -10,6 +10,7 @@ from dspark_ray.config import EngineConfig
 from dspark_ray.engine.drafters.base import Drafter, NoDrafter
 from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
 from dspark_ray.engine.drafters.ngram import NgramDrafter
+from dspark_ray.engine.drafters.scheduled import ConfidenceScheduledDrafter
 from dspark_ray.engine.engine import SpeculativeEngine
 from dspark_ray.engine.loading import (check_shared_vocabulary, context_limit, load_causal_lm,
                                        load_tokenizer, vocab_size)
@@ -40,7 +41,7 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
                            lambda ids: models.tokenizer.decode(ids, skip_special_tokens=True))
     return SpeculativeEngine(
         TargetVerifier(CausalLMRunner(models.target, pad_token_id)),
-        build_drafter(config, models, pad_token_id),
+        schedule_verification(config, build_drafter(config, models, pad_token_id)),
         stop_rules,
         config.num_speculative_tokens,
         config.max_batch_size,
@@ -54,6 +55,13 @@ def build_drafter(config: EngineConfig, models: LoadedModels, pad_token_id: int)
     if config.drafter == "ngram":
         return NgramDrafter(vocab_size(models.target), config.ngram_max, config.ngram_min)
     return NoDrafter()
+
+
+def schedule_verification(config: EngineConfig, drafter: Drafter) -> Drafter:
+    """With verification_schedule 'confidence', cut drafts to the prefix scheduler's lengths."""
+    if config.verification_schedule == "fixed":
+        return drafter
+    return ConfidenceScheduledDrafter.from_files(drafter, config.target, config.sps_profile, config.draft)
 
 
 def eos_token_ids(models: LoadedModels) -> set[int]:
