@@ -12,6 +12,7 @@ SUBCOMMAND_MODULES = (
     "dspark_ray.bench.cli",
     "dspark_ray.reference.build",
     "dspark_ray.profile_cli",
+    "dspark_ray.deepspec.cli",
 )
 
 

@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
 DEFAULT_TARGET_DIR = REFERENCE_DIR / "target"
 DEFAULT_DRAFT_DIR = REFERENCE_DIR / "draft"
+DEFAULT_DSPARK_DIR = REFERENCE_DIR / "dspark"
+DEFAULT_DSPARK_PARALLEL_ONLY_DIR = REFERENCE_DIR / "dspark_parallel_only"
 
-DrafterKind = Literal["model", "ngram", "none"]
+DrafterKind = Literal["model", "dspark", "ngram", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -27,9 +29,11 @@ class EngineConfig(FrozenModel):
 
     target: Path = Field(DEFAULT_TARGET_DIR, description="HF causal-LM directory of the target model.")
     draft: Path | None = Field(
-        DEFAULT_DRAFT_DIR, description="HF directory of the draft LM (used by drafter 'model')."
+        DEFAULT_DRAFT_DIR,
+        description=("Draft directory: the draft LM's HF directory for drafter 'model', a DSpark drafter "
+                     "directory for drafter 'dspark' (default: the bundled DSpark drafter)."),
     )
-    drafter: DrafterKind = Field("model", description="How drafts are proposed: 'model', 'ngram' or 'none'.")
+    drafter: DrafterKind = Field("model", description="How drafts are proposed: 'model', 'dspark', 'ngram' or 'none'.")
     num_speculative_tokens: int = Field(
         6, ge=1, le=64, description="Most draft tokens proposed per sequence and step."
     )
@@ -66,6 +70,13 @@ class EngineConfig(FrozenModel):
             "'confidence'; default: <target>_profile.json next to the target directory."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dspark_dir(cls, fields):
+        if isinstance(fields, dict) and fields.get("drafter") == "dspark" and fields.get("draft") is None:
+            return {**fields, "draft": DEFAULT_DSPARK_DIR}
+        return fields
 
     @model_validator(mode="after")
     def _check_drafter_inputs(self) -> "EngineConfig":

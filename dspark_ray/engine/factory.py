@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dspark_ray.config import EngineConfig
+from dspark_ray.dspark.io import load_dspark
+from dspark_ray.dspark.model import DSparkModel
 from dspark_ray.engine.drafters.base import Drafter, NoDrafter
 from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
+from dspark_ray.engine.drafters.dspark import DSparkDrafter
 from dspark_ray.engine.drafters.ngram import NgramDrafter
 from dspark_ray.engine.drafters.scheduled import ConfidenceScheduledDrafter
 from dspark_ray.engine.engine import SpeculativeEngine
@@ -24,6 +27,7 @@ class LoadedModels:
     target: PreTrainedModel
     draft: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
+    dspark: DSparkModel | None = None  # drafter 'dspark' (borrows the target's embeddings and lm_head)
 
 
 def load_models(config: EngineConfig) -> LoadedModels:
@@ -32,7 +36,8 @@ def load_models(config: EngineConfig) -> LoadedModels:
     if config.drafter == "model":
         draft = load_causal_lm(config.draft, config.dtype, config.device)
         check_shared_vocabulary(target, draft)
-    return LoadedModels(target, draft, load_tokenizer(config.target))
+    dspark = load_dspark(config.draft, target, config.dtype) if config.drafter == "dspark" else None
+    return LoadedModels(target, draft, load_tokenizer(config.target), dspark)
 
 
 def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngine:
@@ -40,7 +45,7 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
     stop_rules = StopRules(eos_token_ids(models), context_limit(models.target),
                            lambda ids: models.tokenizer.decode(ids, skip_special_tokens=True))
     return SpeculativeEngine(
-        TargetVerifier(CausalLMRunner(models.target, pad_token_id)),
+        TargetVerifier(CausalLMRunner(models.target, pad_token_id, capture_layers(config, models))),
         schedule_verification(config, build_drafter(config, models, pad_token_id)),
         stop_rules,
         config.num_speculative_tokens,
@@ -52,9 +57,24 @@ def build_drafter(config: EngineConfig, models: LoadedModels, pad_token_id: int)
     if config.drafter == "model":
         return DraftModelDrafter(models.draft, config.num_speculative_tokens, config.adaptive_speculation,
                                  config.draft_confidence_threshold, pad_token_id)
+    if config.drafter == "dspark":
+        return DSparkDrafter(_require_dspark(models), config.num_speculative_tokens)
     if config.drafter == "ngram":
         return NgramDrafter(vocab_size(models.target), config.ngram_max, config.ngram_min)
     return NoDrafter()
+
+
+def capture_layers(config: EngineConfig, models: LoadedModels) -> list[int] | None:
+    """Target layers whose states the drafter needs (DSpark only); None captures nothing."""
+    if config.drafter != "dspark":
+        return None
+    return list(_require_dspark(models).config.target_layer_ids)
+
+
+def _require_dspark(models: LoadedModels) -> DSparkModel:
+    if models.dspark is None:
+        raise ValueError("drafter 'dspark' needs a loaded DSpark drafter (LoadedModels.dspark)")
+    return models.dspark
 
 
 def schedule_verification(config: EngineConfig, drafter: Drafter) -> Drafter:
