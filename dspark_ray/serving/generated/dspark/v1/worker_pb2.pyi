@@ -195,8 +195,10 @@ class RemoveResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("reset_times",)
+    RESET_TIMES_FIELD_NUMBER: _ClassVar[int]
+    reset_times: bool
+    def __init__(self, reset_times: _Optional[bool] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
     __slots__ = ("role", "num_sequences", "num_commands", "busy_s", "idle_s", "world_size")

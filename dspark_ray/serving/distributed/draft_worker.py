@@ -1,0 +1,126 @@
+"""The draft worker: one drafter (draft LM, n-gram, ...) and its per-sequence caches, behind gRPC.
+
+A plain class; the builder wraps it with `ray.remote` and places it in the draft bundle of the
+replica's placement group (a GPU fraction, or CPU only). Each RPC converts, calls the drafter's
+own verbs (`dspark_ray.engine.drafters.base.Drafter`), converts back. Sampled drafts are drawn
+from the grid-rounded distribution the coordinator will forward (`codec.quantize`), so what the
+target verifies against is exactly what the drafts were sampled from.
+
+It knows nothing about the target, stop rules or other workers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import grpc
+import ray
+import torch
+from transformers import AutoConfig
+
+from dspark_ray.config import EngineConfig
+from dspark_ray.engine.drafters.base import Drafter
+from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
+from dspark_ray.engine.drafters.ngram import NgramDrafter
+from dspark_ray.engine.factory import schedule_verification
+from dspark_ray.engine.loading import load_causal_lm, load_tokenizer
+from dspark_ray.serving.distributed import codec, convert
+from dspark_ray.serving.distributed.mirror import SequenceMirror
+from dspark_ray.serving.distributed.server import CommandRunner, start_server
+from dspark_ray.serving.wire import worker_pb2 as pb
+from dspark_ray.serving.wire import worker_pb2_grpc as pb_grpc
+
+
+def build_worker_drafter(config: EngineConfig, max_support: int) -> Drafter:
+    """The engine's drafter for `config`, minus the target: the worker never loads it."""
+    return schedule_verification(config, _base_drafter(config, max_support))
+
+
+def _base_drafter(config: EngineConfig, max_support: int) -> Drafter:
+    pad_token_id = load_tokenizer(config.target).pad_token_id or 0
+    if config.drafter == "model":
+        return DraftModelDrafter(load_causal_lm(config.draft, config.dtype, config.device),
+                                 config.num_speculative_tokens, config.adaptive_speculation,
+                                 config.draft_confidence_threshold, pad_token_id,
+                                 draft_probs_transform=functools.partial(codec.quantize, max_support=max_support))
+    if config.drafter == "ngram":  # one-hot distributions are on the grid already
+        vocab_size = AutoConfig.from_pretrained(config.target, local_files_only=True).vocab_size
+        return NgramDrafter(vocab_size, config.ngram_max, config.ngram_min)
+    # 'dspark' borrows the target's embeddings and lm_head and needs its features: not on workers yet.
+    raise ValueError(f"drafter {config.drafter!r} is not available on a draft worker")
+
+
+class DraftWorker:
+    def __init__(self, engine_config: EngineConfig, draft_probs_max_support: int, num_threads: int = 1) -> None:
+        torch.set_num_threads(num_threads)
+        self.drafter = build_worker_drafter(engine_config, draft_probs_max_support)
+        self.mirror = SequenceMirror()
+        self.runner = CommandRunner()
+        self.server, self._address = start_server(pb_grpc.add_DraftWorkerServicer_to_server, _Servicer(self),
+                                                 ray.util.get_node_ip_address())
+
+    def address(self) -> str:
+        return self._address
+
+    def shutdown(self) -> None:
+        self.server.stop(grace=None)
+
+    # --- commands (one at a time, see CommandRunner) ---
+
+    def add(self, request: pb.DraftAddRequest) -> pb.DraftAddResponse:
+        seqs = self.mirror.add(request.seqs)
+        self.drafter.add(seqs, convert.features_from_wire(request.target_features, [s.seq_id for s in seqs]))
+        return pb.DraftAddResponse()
+
+    def propose(self, request: pb.ProposeRequest) -> pb.ProposeResponse:
+        self._sync(request.updates, request.feedback)
+        seqs = self.mirror.get(item.seq_id for item in request.items)
+        self.mirror.reseed(seqs, [item.seed for item in request.items])
+        proposal = self.drafter.propose(seqs, [item.max_draft_tokens for item in request.items])
+        return pb.ProposeResponse(drafts=convert.proposal_to_wire(proposal, seqs))
+
+    def sync(self, request: pb.DraftSyncRequest) -> pb.SyncResponse:
+        self._sync(request.updates, request.feedback)
+        return pb.SyncResponse()
+
+    def remove(self, request: pb.RemoveRequest) -> pb.RemoveResponse:
+        self.drafter.remove(self.mirror.remove(request.seq_ids))
+        return pb.RemoveResponse()
+
+    def health(self, request: pb.HealthRequest) -> pb.HealthResponse:
+        clock = self.runner.clock
+        response = pb.HealthResponse(role="draft", num_sequences=len(self.mirror), num_commands=clock.num_commands,
+                                     busy_s=clock.busy_s, idle_s=clock.idle_s, world_size=1)
+        if request.reset_times:
+            clock.reset()
+        return response
+
+    def _sync(self, updates, feedback) -> None:
+        self.mirror.apply(updates)
+        if feedback:
+            seqs = self.mirror.get(item.seq_id for item in feedback)
+            features = None
+            if any(item.HasField("target_features") for item in feedback):
+                features = {item.seq_id: convert.tensor_from_wire(item.target_features) for item in feedback}
+            self.drafter.on_verified(seqs, [item.num_draft_tokens for item in feedback],
+                                     [item.num_accepted_tokens for item in feedback], features)
+
+
+class _Servicer(pb_grpc.DraftWorkerServicer):
+    def __init__(self, worker: DraftWorker) -> None:
+        self.worker = worker
+
+    def Add(self, request, context: grpc.ServicerContext):
+        return self.worker.runner.run(context, self.worker.add, request)
+
+    def Propose(self, request, context: grpc.ServicerContext):
+        return self.worker.runner.run(context, self.worker.propose, request)
+
+    def Sync(self, request, context: grpc.ServicerContext):
+        return self.worker.runner.run(context, self.worker.sync, request)
+
+    def Remove(self, request, context: grpc.ServicerContext):
+        return self.worker.runner.run(context, self.worker.remove, request)
+
+    def Health(self, request, context: grpc.ServicerContext):
+        return self.worker.health(request)  # answered even while a command runs

@@ -1,0 +1,77 @@
+"""Pipelining across requests: the drafter drafts one micro-batch while the target verifies the other.
+
+`PipelinedEngine` is the `SpeculativeEngine` with another step strategy; it reuses the engine's
+public phases (admit, propose, commit, retire), so the commit, stop and lossless logic is the
+engine's own. Running sequences alternate between two micro-batches. One step:
+
+    1. admit waiting requests (target prefill; they join the next proposal);
+    2. on a thread, propose for the micro-batch that is not waiting for verification, while
+       3. the target verifies the micro-batch whose proposal is ready;
+    4. join, commit what the target kept, retire finished sequences.
+
+Each sequence still alternates propose -> verify -> commit, with the same draft budgets and the
+same per-sequence order of random draws as the unpipelined engine; only the batching differs. The
+two calls overlap only if the verifier and drafter are remote (or otherwise release the GIL).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dspark_ray.engine.drafters.base import DraftProposal
+from dspark_ray.engine.engine import SpeculativeEngine
+from dspark_ray.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    seqs: list[Sequence]
+    proposal: DraftProposal  # rows in the order of seqs
+
+
+class PipelinedEngine(SpeculativeEngine):
+    def __init__(self, *args, pipelined: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipelined = pipelined
+        self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
+        self._ready: MicroBatch | None = None  # proposed, waiting for the target
+
+    def step(self) -> list[Sequence]:
+        if not self.pipelined:
+            return super().step()
+        self.admit()
+        active = [seq for seq in self.running if not seq.is_finished]
+        ready, self._ready = self._still_running(self._ready, active), None
+        if ready is None and active:  # cold start: the target waits for one proposal
+            first = active[: (len(active) + 1) // 2]
+            ready = MicroBatch(first, self.propose(first))
+        if ready is None:
+            return self.retire()
+        in_ready = {seq.seq_id for seq in ready.seqs}
+        upcoming = [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
+        drafting = self._drafting.submit(self.propose, upcoming) if upcoming else None
+        try:
+            output = self.verifier.verify(ready.seqs, ready.proposal)
+        finally:  # never leave a proposal running into the next step
+            upcoming_proposal = drafting.result() if drafting is not None else None
+        self.commit(ready.seqs, ready.proposal, output)
+        if upcoming:
+            self._ready = MicroBatch(upcoming, upcoming_proposal)
+        return self.retire()
+
+    def shutdown(self) -> None:
+        self._drafting.shutdown(wait=True)
+
+    @staticmethod
+    def _still_running(batch: MicroBatch | None, active: list[Sequence]) -> MicroBatch | None:
+        """The batch without sequences aborted or finished since it was proposed."""
+        if batch is None:
+            return None
+        alive = {seq.seq_id for seq in active}
+        rows = [row for row, seq in enumerate(batch.seqs) if seq.seq_id in alive]
+        if not rows:
+            return None
+        if len(rows) == len(batch.seqs):
+            return batch
+        return MicroBatch([batch.seqs[row] for row in rows], batch.proposal.select(rows))

@@ -1,0 +1,88 @@
+"""The gRPC side of a worker actor: a server on a free port, one command at a time, busy/idle clock.
+
+A worker serves its commands strictly one after another (the coordinator never overlaps two
+commands to one worker, and the lock makes sure of it). `CommandClock` measures the time spent
+executing commands and the time spent waiting between them: the idle time the pipelined
+coordinator exists to drive down.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from contextlib import contextmanager
+
+import grpc
+
+from dspark_ray.serving.distributed.mirror import SequenceStateError
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class CommandClock:
+    def __init__(self) -> None:
+        self.busy_s = 0.0
+        self.idle_s = 0.0
+        self.num_commands = 0
+        self._last_end: float | None = None  # None: the next wait is not counted
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def command(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            with self._lock:
+                if self._last_end is not None:
+                    self.idle_s += start - self._last_end
+                self.busy_s += end - start
+                self.num_commands += 1
+                self._last_end = end
+
+    def reset(self) -> None:
+        with self._lock:
+            self.busy_s = self.idle_s = 0.0
+            self._last_end = None
+
+
+class CommandRunner:
+    """Runs one command at a time under the clock and turns failures into gRPC status codes."""
+
+    def __init__(self) -> None:
+        self.clock = CommandClock()
+        self._lock = threading.Lock()
+
+    def run(self, context: grpc.ServicerContext, command: Callable, *args):
+        with self._lock, self.clock.command():
+            try:
+                return command(*args)
+            except SequenceStateError as error:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            except Exception as error:  # noqa: BLE001 - reported to the coordinator, which decides
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+def start_server(add_servicer: Callable, servicer, host: str) -> tuple[grpc.Server, str]:
+    """Serve on a free port of `host`; returns the server and the address clients dial."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+    add_servicer(servicer, server)
+    port = server.add_insecure_port(f"{_bind_host(host)}:0")
+    server.start()
+    return server, f"{host}:{port}"
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _bind_host(host: str) -> str:
+    return "[::]" if ":" in host else "0.0.0.0"
