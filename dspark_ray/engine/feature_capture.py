@@ -6,6 +6,9 @@ materialise every layer's states. The DSpark drafter is conditioned on these fea
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from transformers import PreTrainedModel
 
@@ -18,14 +21,26 @@ def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
 
 
 class LayerCapture:
+    """Hooks live only inside `recording()`, so other users of the same model object (HF `generate`,
+    another runner, a benchmark row) never pay for them and captures never pile up."""
+
     def __init__(self, model: PreTrainedModel, layer_ids: list[int]) -> None:
         layers = decoder_layers(model)
         if not layer_ids or any(not 0 <= i < len(layers) for i in layer_ids):
             raise ValueError(f"capture layers {layer_ids} outside the target's {len(layers)} layers")
         self.layer_ids = list(layer_ids)
+        self._layers = [layers[layer_id] for layer_id in self.layer_ids]
         self._outputs: dict[int, torch.Tensor] = {}
-        for layer_id in self.layer_ids:
-            layers[layer_id].register_forward_hook(self._hook(layer_id))
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = [layer.register_forward_hook(self._hook(layer_id))
+                   for layer_id, layer in zip(self.layer_ids, self._layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _hook(self, layer_id: int):
         def keep(module, args, output) -> None:

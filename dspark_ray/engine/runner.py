@@ -8,6 +8,7 @@ and `sync` rolls it back to the longest prefix that is still true.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -83,13 +84,14 @@ class CausalLMRunner:
     @torch.no_grad()
     def _forward(self, cache: BatchKVCache, token_lists: list[list[int]]) -> torch.Tensor:
         inputs = cache.prepare(token_lists, self.pad_token_id, self.dtype, self.max_position)
-        output = self.model(
-            input_ids=inputs.input_ids.to(self.device),
-            position_ids=inputs.position_ids.to(self.device),
-            attention_mask=inputs.attention_mask.to(self.device),
-            cache=cache.hf_cache,
-            use_cache=True,
-        )
+        with self.capture.recording() if self.capture is not None else nullcontext():
+            output = self.model(
+                input_ids=inputs.input_ids.to(self.device),
+                position_ids=inputs.position_ids.to(self.device),
+                attention_mask=inputs.attention_mask.to(self.device),
+                cache=cache.hf_cache,
+                use_cache=True,
+            )
         cache.commit(token_lists, inputs)
         if self.capture is not None:
             self.last_features = self.capture.take()
