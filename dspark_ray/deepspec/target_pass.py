@@ -27,20 +27,21 @@ class TargetPass:
     def __init__(self, target: PreTrainedModel, layer_ids: list[int]) -> None:
         self.target = target.eval().requires_grad_(False)
         self.capture = LayerCapture(target, list(layer_ids))
-        self._final: list[torch.Tensor] = []
-        target.get_output_embeddings().register_forward_pre_hook(self._keep_final)
-
-    def _keep_final(self, module, args) -> None:
-        self._final.append(args[0])
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> TargetBatch:
         """input_ids `[B, T]` right-padded, lengths `[B]`."""
-        self._final.clear()
+        final: list[torch.Tensor] = []
+        keep_final = self.target.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: final.append(args[0]))
         attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
         device = self.target.get_input_embeddings().weight.device
-        self.target(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-        return TargetBatch(self.capture.take(), self._final.pop().float())
+        try:
+            with self.capture.recording():
+                self.target(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+        finally:
+            keep_final.remove()
+        return TargetBatch(self.capture.take(), final[-1].float())
 
     @torch.no_grad()
     def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
