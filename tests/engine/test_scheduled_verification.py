@@ -163,7 +163,7 @@ def test_files_profile_and_calibration(models, tmp_path: Path):
 
     assert load_calibration(draft_dir) is None
     records = AcceptanceRecords.from_steps([[2.0, 1.0]] * 30 + [[2.0, 1.0]] * 30, [2] * 30 + [0] * 30)
-    save_calibration(calibrate(records), draft_dir)
+    save_calibration(calibrate(records), draft_dir / "calibration.json")
     scheduled = ConfidenceScheduledDrafter.from_files(NoDrafter(), target_dir, None, draft_dir)
     assert scheduled.temperatures == load_calibration(draft_dir).temperatures
     (draft_dir / "calibration.json").write_text(json.dumps({"format": "other"}))

@@ -88,7 +88,8 @@ def load_calibration(draft_dir: Path) -> Calibration | None:
         raise ValueError(f"cannot read the calibration {path}: {error}") from error
 
 
-def save_calibration(calibration: Calibration, draft_dir: Path) -> Path:
-    path = Path(draft_dir) / CALIBRATION_FILE
+def save_calibration(calibration: Calibration, path: Path) -> None:
+    """Write `calibration` as JSON to `path` (a drafter keeps it as <dir>/calibration.json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
-    return path
