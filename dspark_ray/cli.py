@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = (
     "dspark_ray.reference.build",
     "dspark_ray.profile_cli",
     "dspark_ray.deepspec.cli",
+    "dspark_ray.serving.serve_cli",
 )
 
 

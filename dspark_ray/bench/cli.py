@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dspark_ray.bench import offline
+from dspark_ray.bench import offline, serve
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks that print figures")
     benches = parser.add_subparsers(dest="bench", required=True)
     offline.add_parser(benches)
+    serve.add_parser(benches)

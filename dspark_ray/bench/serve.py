@@ -1,0 +1,295 @@
+"""`dspark-ray bench serve`: load a running OpenAI-compatible server, level by level of concurrency.
+
+Each level keeps `concurrency` streaming completions in flight until `num_requests` have finished
+and reports request throughput, output tokens/s, TTFT, TPOT (per request: time after the first
+token / tokens after the first), ITL (per token: a chunk of n tokens counts n gaps of 1/n of its
+wait), the acceptance length from the `dspark` vendor field, and errors. `--launch` starts a
+local Ray Serve with two applications on the same models, speculative and target-only (drafter
+none), benchmarks both and prints them side by side; `--compare A.json B.json` does the same for
+two earlier runs. Requests go to 127.0.0.1 only: this is a load generator for your own server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from dspark_ray.config import REFERENCE_DIR
+
+DEFAULT_PROMPTS = REFERENCE_DIR / "prompts" / "heldout.jsonl"
+FALLBACK_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\ndef list_files(path):",
+                    "def quicksort(items):", "The quick brown fox", "def parse_args():"]
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    error: str | None = None
+    num_output_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    num_steps: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.num_output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.num_output_tokens - 1)
+
+
+def summarize(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p99": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"mean": statistics.fmean(ordered) * 1e3, "p50": statistics.median(ordered) * 1e3, "p99": p99 * 1e3}
+
+
+def level_report(concurrency: int, results: list[RequestResult], duration_s: float) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    tokens = sum(r.num_output_tokens for r in done)
+    steps = sum(r.num_steps for r in done)
+    errors = [r.error for r in results if not r.ok]
+    return {
+        "concurrency": concurrency,
+        "num_requests": len(results),
+        "num_errors": len(errors),
+        "errors": sorted(set(errors))[:5],
+        "duration_s": round(duration_s, 3),
+        "request_throughput": len(done) / duration_s,
+        "output_tokens_per_s": tokens / duration_s,
+        "num_output_tokens": tokens,
+        "ttft_ms": summarize([r.ttft_s for r in done if r.ttft_s is not None]),
+        "tpot_ms": summarize([r.tpot_s for r in done if r.tpot_s is not None]),
+        "itl_ms": summarize([gap for r in done for gap in r.itl_s]),
+        "mean_acceptance_length": 1 + sum(r.num_accepted_tokens for r in done) / steps if steps else None,
+    }
+
+
+def check_local(url: str) -> None:
+    host = urlparse(url).hostname
+    if host not in LOCAL_HOSTS:
+        raise ValueError(f"bench serve only sends requests to this machine (127.0.0.1), not {host!r}")
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, temperature: float,
+                      ignore_eos: bool) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
+            "return_token_ids": True}
+    result = RequestResult(ok=False)
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{url}/completions", json=body) as response:
+            if response.status_code != 200:
+                error = json.loads(await response.aread()).get("error", {})
+                result.error = f"{response.status_code} {error.get('code')}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: "):])
+                if "error" in event:
+                    result.error = f"stream {event['error'].get('code')}"
+                    return result
+                now = time.perf_counter()
+                for choice in event.get("choices", []):
+                    num_tokens = len(choice.get("token_ids", []))
+                    if num_tokens and result.ttft_s is None:
+                        result.ttft_s = now - start
+                    elif num_tokens:
+                        result.itl_s.extend([(now - last) / num_tokens] * num_tokens)
+                    if num_tokens:
+                        last = now
+                    result.num_output_tokens += num_tokens
+                if "usage" in event and event.get("dspark"):
+                    result.num_steps = event["dspark"]["num_steps"]
+                    result.num_accepted_tokens = event["dspark"]["num_accepted_tokens"]
+    except Exception as error:  # a dropped connection is a counted error, not a crashed benchmark
+        result.error = type(error).__name__
+        return result
+    result.e2e_s = time.perf_counter() - start
+    result.ok = True
+    return result
+
+
+async def run_level(url: str, model: str, prompts: list[str], concurrency: int, num_requests: int,
+                    max_tokens: int, temperature: float, ignore_eos: bool) -> dict[str, Any]:
+    import httpx
+
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(num_requests):
+        queue.put_nowait(index)
+    results: list[RequestResult] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker() -> None:
+            while not queue.empty():
+                index = queue.get_nowait()
+                results.append(await one_request(client, url, model, prompts[index % len(prompts)], max_tokens,
+                                                 temperature, ignore_eos))
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        duration = time.perf_counter() - start
+    return level_report(concurrency, results, duration)
+
+
+def served_model(url: str) -> str:
+    import httpx
+
+    return httpx.get(f"{url}/models", timeout=30).json()["data"][0]["id"]
+
+
+def bench(url: str, prompts: list[str], levels: list[int], num_requests: int, max_tokens: int,
+          temperature: float, ignore_eos: bool, model: str | None = None, label: str | None = None) -> dict[str, Any]:
+    check_local(url)
+    model = model or served_model(url)
+    asyncio.run(run_level(url, model, prompts, 1, 1, max_tokens, temperature, ignore_eos))  # warm-up
+    reports = []
+    for concurrency in levels:
+        report = asyncio.run(run_level(url, model, prompts, concurrency, num_requests, max_tokens,
+                                       temperature, ignore_eos))
+        print(format_level(label or url, report), file=sys.stderr, flush=True)
+        reports.append(report)
+    return {"url": url, "model": model, "label": label, "max_tokens": max_tokens, "temperature": temperature,
+            "ignore_eos": ignore_eos, "levels": reports}
+
+
+def format_level(label: str, r: dict[str, Any]) -> str:
+    def ms(stats):
+        return "-" if stats["mean"] is None else f"{stats['mean']:.1f}/{stats['p50']:.1f}/{stats['p99']:.1f}"
+    acceptance = r["mean_acceptance_length"]
+    return (f"{label}  c={r['concurrency']:<3} req/s={r['request_throughput']:.2f}  tok/s={r['output_tokens_per_s']:.1f}"
+            f"  ttft(ms mean/p50/p99)={ms(r['ttft_ms'])}  tpot={ms(r['tpot_ms'])}  itl={ms(r['itl_ms'])}"
+            f"  accept_len={'-' if acceptance is None else f'{acceptance:.2f}'}  errors={r['num_errors']}")
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Side by side, ratios b / a (b: usually speculative, a: target-only)."""
+    name_a, name_b = a.get("label") or a["url"], b.get("label") or b["url"]
+    lines = [f"{'concurrency':>11}  {'tok/s ' + name_a:>24}  {'tok/s ' + name_b:>24}  {'ratio':>6}  "
+             f"{'tpot ms a':>9}  {'tpot ms b':>9}  {'accept_len b':>12}"]
+    levels_a = {r["concurrency"]: r for r in a["levels"]}
+    for rb in b["levels"]:
+        ra = levels_a.get(rb["concurrency"])
+        if ra is None:
+            continue
+        ratio = rb["output_tokens_per_s"] / ra["output_tokens_per_s"] if ra["output_tokens_per_s"] else float("nan")
+        tpot_a, tpot_b = ra["tpot_ms"]["mean"], rb["tpot_ms"]["mean"]
+        accept = rb["mean_acceptance_length"]
+        lines.append(f"{rb['concurrency']:>11}  {ra['output_tokens_per_s']:>24.1f}  {rb['output_tokens_per_s']:>24.1f}"
+                     f"  {ratio:>5.2f}x  {tpot_a or float('nan'):>9.1f}  {tpot_b or float('nan'):>9.1f}"
+                     f"  {'-' if accept is None else f'{accept:.2f}':>12}")
+    return "\n".join(lines)
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        path = DEFAULT_PROMPTS if DEFAULT_PROMPTS.is_file() else None
+    if path is None:
+        return list(FALLBACK_PROMPTS)
+    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: list[int]) -> dict[str, Any]:
+    """Serve speculative and target-only apps side by side on one local Serve; bench one after the other."""
+    from ray import serve
+
+    from dspark_ray.generate_cli import engine_config_from_args
+    from dspark_ray.serving import serve_cli
+    from dspark_ray.serving.app import build_app
+    from dspark_ray.serving.config import AppConfig, ServeConfig
+
+    engine = engine_config_from_args(args, max_batch_size=max(levels))
+    target_only = engine.model_copy(update={"drafter": "none"})
+    capacity = {"max_ongoing_requests": max(levels), "max_queued_requests": max(levels),
+                "torch_num_threads": args.threads or 1}
+    port = free_port()
+    config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
+                         app=AppConfig(engine=engine, **capacity))
+    # Both apps stay resident (one idles while the other is measured): give Ray logical CPUs for both.
+    serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1))
+    try:
+        serve.run(build_app(AppConfig(engine=target_only, **capacity)), name="target_only",
+                  route_prefix="/target_only")
+        runs = {}
+        for name in ("target_only", "speculative"):
+            url = f"http://127.0.0.1:{port}/{name}/v1"
+            runs[name] = bench(url, prompts, levels, args.num_requests, args.max_tokens, args.temperature,
+                               args.ignore_eos, label=name)
+    finally:
+        serve_cli.stop()
+    return {"target_only": runs["target_only"], "speculative": runs["speculative"]}
+
+
+def add_parser(subparsers) -> None:
+    from dspark_ray.generate_cli import add_engine_arguments
+
+    parser = subparsers.add_parser("serve", help="load an OpenAI-compatible server at several concurrencies",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000/v1", help="base URL of the API (127.0.0.1 only)")
+    parser.add_argument("--model", default=None, help="model name (default: the server's first)")
+    parser.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument("--num-requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--ignore-eos", action="store_true", help="always decode max_tokens tokens")
+    parser.add_argument("--prompts", type=Path, default=None, help='JSONL, one {"prompt": "..."} per line')
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                        help="print two earlier results side by side (ratios B / A) and exit")
+    parser.add_argument("--launch", action="store_true",
+                        help="start a local Ray Serve with speculative and target-only apps and compare them")
+    parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (--launch)")
+    add_engine_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.compare:
+            a, b = (json.loads(path.read_text()) for path in args.compare)
+            print(compare(a, b))
+            return 0
+        levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
+        if not levels or min(levels) < 1 or args.num_requests < 1:
+            raise ValueError("--concurrency needs levels >= 1 and --num-requests >= 1")
+        prompts = read_prompts(args.prompts)
+        if args.launch:
+            result = launch_and_compare(args, prompts, levels)
+            table = compare(result["target_only"], result["speculative"])
+        else:
+            result = bench(args.url, prompts, levels, args.num_requests, args.max_tokens, args.temperature,
+                           args.ignore_eos, args.model)
+            table = None
+    except (ValueError, OSError) as error:
+        print(f"dspark-ray bench serve: error: {error}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(table if table else text)
+    return 0
+

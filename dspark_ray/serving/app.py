@@ -1,0 +1,65 @@
+"""Build the Serve application: a Router ingress in front of a ModelServer deployment.
+
+`build_app` is the `import_path` of the Serve config file (`dspark_ray.serving.app:build_app`),
+its `args` are an `AppConfig`. Serve decorators are applied here, at build time, so `Router` and
+`ServedModel` stay plain classes. A model-server replica is one model instance; in distributed
+mode it reserves its worker actors through its placement group: bundle 0 for the replica
+itself, then one bundle per target rank, then the drafter's (PACK: the target ranks land
+together where possible, the draft bundle may go to another node type).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from dspark_ray.serving.config import AppConfig
+from dspark_ray.serving.router import Router
+from dspark_ray.serving.served_model import ServedModel
+
+ROUTER_DEPLOYMENT = "Router"
+MODEL_SERVER_DEPLOYMENT = "ModelServer"
+# /health, /metrics and /v1/models calls on top of the generation requests a router may hold.
+ROUTER_EXTRA_ONGOING = 32
+
+
+def build_app(args: dict[str, Any] | AppConfig) -> Application:
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    model = serve.deployment(name=MODEL_SERVER_DEPLOYMENT, **model_server_options(config))(ServedModel)
+    router = serve.deployment(name=ROUTER_DEPLOYMENT, **router_options(config))(serve.ingress()(Router))
+    return router.bind(model.bind(config), config)
+
+
+def model_server_options(config: AppConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "ray_actor_options": {"num_cpus": config.model_server_num_cpus, "num_gpus": config.model_server_num_gpus},
+    }
+    scaling = config.autoscaling
+    if scaling.is_fixed:
+        options["num_replicas"] = scaling.min_replicas
+    else:
+        options["autoscaling_config"] = {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+                                         "target_ongoing_requests": scaling.target_ongoing_requests}
+    workers = config.workers
+    if workers.mode == "distributed":
+        options["ray_actor_options"] = {"num_cpus": config.model_server_num_cpus}
+        bundles = [{"CPU": config.model_server_num_cpus}]
+        bundles += [dict(workers.target_rank_resources) for _ in range(workers.tensor_parallel_size)]
+        if config.engine.drafter != "none":
+            bundles.append(dict(workers.draft_resources))
+        options["placement_group_bundles"] = bundles
+        options["placement_group_strategy"] = "PACK"
+    return options
+
+
+def router_options(config: AppConfig) -> dict[str, Any]:
+    per_router = (config.max_ongoing_requests * config.autoscaling.max_replicas + config.max_queued_requests)
+    return {
+        "num_replicas": config.router_replicas,
+        "max_ongoing_requests": per_router + ROUTER_EXTRA_ONGOING,
+        "ray_actor_options": {"num_cpus": config.router_num_cpus},
+    }

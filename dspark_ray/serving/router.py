@@ -1,0 +1,274 @@
+"""The ingress: OpenAI-compatible HTTP (FastAPI) and the public gRPC service, in one Serve deployment.
+
+`Router` is a plain class; `dspark_ray.serving.app` wraps it with `serve.ingress()` (the FastAPI
+app is built per replica by `__serve_build_asgi_app__`) and `serve.deployment` when the
+application is built. It authenticates, validates, applies the per-request deadline and tenant
+quotas, streams deltas from a model-server deployment through a DeploymentHandle, and records
+metrics. Every failure leaves as an OpenAI-style error (a gRPC status on the gRPC side). It knows
+nothing about engines or tokenizers; the model server tokenizes and checks prompts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dspark_ray.serving import grpc_ingress
+from dspark_ray.serving.config import AppConfig, TenantConfig
+from dspark_ray.serving.metrics import RouterMetrics
+from dspark_ray.serving.openai_api import (SSE_DONE, ApiError, ChatCompletionBody, Completion, CompletionBody,
+                                           InferenceRequest, RequestRejected, chat_request, chunk,
+                                           completion_request, completion_response, parse_body, sse, usage_chunk)
+from dspark_ray.serving.protocol import CompletionDelta
+
+HEALTH_TIMEOUT_S = 10.0
+
+
+class Router:
+    def __init__(self, model: Any, config: AppConfig) -> None:
+        """`model`: a DeploymentHandle to the `ServedModel` deployment (or a test double)."""
+        self.config = config
+        self.model = model
+        self.metrics = RouterMetrics(config.model_name)
+        self._tenants = {t.api_key.get_secret_value(): t for t in config.tenants}
+        self._tenant_ongoing: Counter[str] = Counter()
+        self._model_info = None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_http_app(self)
+
+    # ---- gRPC methods, named after the rpcs of dspark.v1.InferenceService ----
+    async def Generate(self, request, grpc_context=None):  # noqa: N802 (the rpc's name)
+        return await grpc_ingress.generate(self, request, grpc_context)
+
+    async def GenerateStream(self, request, grpc_context=None):  # noqa: N802
+        async for response in grpc_ingress.generate_stream(self, request, grpc_context):
+            yield response
+
+    # ---- shared by both front ends ----
+    def authenticate(self, authorization: str | None) -> TenantConfig | None:
+        if not self._tenants:
+            return None
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer":
+            for known, tenant in self._tenants.items():
+                if hmac.compare_digest(known.encode(), key.strip().encode()):
+                    return tenant
+        raise ApiError(401, "invalid_api_key", "missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+    def check_model(self, model: str) -> None:
+        if model != self.config.model_name:
+            raise ApiError(404, "model_not_found", f"the model '{model}' does not exist; this server serves "
+                           f"'{self.config.model_name}'", "model")
+
+    async def generate(self, request: InferenceRequest, tenant: TenantConfig | None
+                       ) -> AsyncIterator[CompletionDelta]:
+        """Deltas of one request; raises ApiError, before the first delta or during the stream.
+
+        Closing the iterator early (client gone) cancels the request on the model server.
+        """
+        arrival = time.perf_counter()
+        deadline = arrival + self.config.request_timeout_s if self.config.request_timeout_s else None
+        self._acquire_quota(tenant)
+        self.metrics.num_requests_running.labels(self.config.model_name).inc()
+        stream, finished = None, False
+        try:
+            stream = self.model.options(stream=True).generate.remote(request)
+            last_token_at = None
+            while not finished:
+                item = await self._next(stream, deadline)
+                if isinstance(item, RequestRejected):
+                    raise item.to_error()
+                if item.finish_reason in ("error", "abort"):
+                    raise ApiError(503, "worker_error", f"the model server failed the request: {item.error}",
+                                   headers=self._retry_after())
+                now = time.perf_counter()
+                if item.token_ids:
+                    if last_token_at is None:
+                        self.metrics.observe_first_token(now - arrival)
+                    else:
+                        self.metrics.observe_tokens(now - last_token_at, len(item.token_ids))
+                    last_token_at = now
+                finished = item.finish_reason is not None
+                if finished:
+                    self.metrics.observe_finished(item.finish_reason, item.num_prompt_tokens, item.num_output_tokens,
+                                                  item.stats, now - arrival)
+                yield item
+        except ApiError as error:
+            self.metrics.observe_error(error.code)
+            raise
+        finally:
+            self.metrics.num_requests_running.labels(self.config.model_name).dec()
+            self._release_quota(tenant)
+            if stream is not None and not finished:
+                stream.cancel()
+
+    async def _next(self, stream, deadline: float | None):
+        from ray.exceptions import RayActorError, RayTaskError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            if deadline is None:
+                return await stream.__anext__()
+            return await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            raise ApiError(504, "request_timeout",
+                           f"the request did not finish within {self.config.request_timeout_s} s") from None
+        except StopAsyncIteration:
+            raise ApiError(503, "worker_error", "the model server ended the stream early",
+                           headers=self._retry_after()) from None
+        except BackPressureError:
+            raise self._over_capacity() from None
+        except (RayActorError, RayTaskError, DeploymentUnavailableError) as error:
+            if isinstance(getattr(error, "cause", None), BackPressureError):
+                raise self._over_capacity() from None
+            raise ApiError(503, "model_unavailable", f"the model server is unavailable: {type(error).__name__}",
+                           headers=self._retry_after()) from None
+
+    def _over_capacity(self) -> ApiError:
+        return ApiError(self.config.over_capacity_status, "over_capacity",
+                        "the server is over capacity; retry later", headers=self._retry_after())
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.config.retry_after_s)}
+
+    def _acquire_quota(self, tenant: TenantConfig | None) -> None:
+        if tenant is None:
+            return
+        if tenant.max_ongoing_requests is not None and self._tenant_ongoing[tenant.name] >= tenant.max_ongoing_requests:
+            self.metrics.observe_error("tenant_quota_exceeded")
+            raise ApiError(429, "tenant_quota_exceeded",
+                           f"tenant '{tenant.name}' already has {tenant.max_ongoing_requests} requests in flight",
+                           headers=self._retry_after())
+        self._tenant_ongoing[tenant.name] += 1
+
+    def _release_quota(self, tenant: TenantConfig | None) -> None:
+        if tenant is not None:
+            self._tenant_ongoing[tenant.name] -= 1
+
+    async def model_info(self):
+        if self._model_info is None:
+            self._model_info = await self.model.model_info.remote()
+        return self._model_info
+
+    async def healthy(self) -> bool:
+        try:
+            await asyncio.wait_for(self.model.num_active.remote(), HEALTH_TIMEOUT_S)
+        except Exception:  # any failure to reach a model server means not ready
+            return False
+        return True
+
+
+# ---- HTTP ----------------------------------------------------------------------------------
+
+def build_http_app(router: Router) -> FastAPI:
+    api = FastAPI(title="dspark-ray", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), error.status, headers=error.headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        body = ApiError(error.status_code, code, str(error.detail)).body()
+        return JSONResponse(body, error.status_code, headers=getattr(error, "headers", None))
+
+    @api.get("/health")
+    async def health() -> JSONResponse:
+        if await router.healthy():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(ApiError(503, "model_unavailable", "no model server answers").body(), 503)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        router.authenticate(request.headers.get("authorization"))
+        info = await router.model_info()
+        return JSONResponse({"object": "list", "data": [{
+            "id": info.model_name, "object": "model", "created": 0, "owned_by": "dspark-ray",
+            "max_model_len": info.context_limit}]})
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve(router, request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _serve(router, request, chat=True)
+
+    return api
+
+
+async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
+    tenant = router.authenticate(http_request.headers.get("authorization"))
+    raw = await http_request.body()
+    body = parse_body(raw, ChatCompletionBody if chat else CompletionBody)
+    router.check_model(body.model)
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    request = chat_request(body, request_id) if chat else completion_request(body, request_id)
+    completion = Completion(request_id, body.model, return_token_ids=body.return_token_ids)
+    deltas = router.generate(request, tenant)
+    try:
+        first = await deltas.__anext__()  # errors before the first token keep their HTTP status
+    except BaseException:
+        await deltas.aclose()
+        raise
+    if not body.stream:
+        try:
+            await _collect(completion, first, deltas)
+        finally:
+            await deltas.aclose()
+        return JSONResponse(completion_response(completion, chat))
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return StreamingResponse(_sse_events(completion, first, deltas, chat, include_usage),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _absorb(completion: Completion, delta: CompletionDelta) -> None:
+    completion.text += delta.text
+    completion.token_ids.extend(delta.token_ids)
+    completion.num_prompt_tokens = delta.num_prompt_tokens
+    if delta.finish_reason is not None:
+        completion.finish_reason, completion.stats = delta.finish_reason, delta.stats
+
+
+async def _collect(completion: Completion, first: CompletionDelta, deltas: AsyncIterator[CompletionDelta]) -> None:
+    _absorb(completion, first)
+    async for delta in deltas:
+        _absorb(completion, delta)
+
+
+async def _sse_events(completion: Completion, first: CompletionDelta, deltas, chat: bool,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE chunks; an error after the first byte is an error event, then [DONE] as always."""
+    try:
+        delta, role_sent = first, False
+        while True:
+            _absorb(completion, delta)
+            if delta.text or delta.finish_reason is not None or (completion.return_token_ids and delta.token_ids):
+                yield sse(chunk(completion, chat, delta.text, delta.token_ids, delta.finish_reason,
+                                first=not role_sent))
+                role_sent = True
+            if delta.finish_reason is not None:
+                break
+            delta = await deltas.__anext__()
+        if include_usage:
+            yield sse(usage_chunk(completion, chat))
+    except ApiError as error:
+        yield sse(error.body())
+    finally:
+        await deltas.aclose()
+    yield SSE_DONE

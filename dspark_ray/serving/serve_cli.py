@@ -1,0 +1,110 @@
+"""`dspark-ray serve`: start Ray and Ray Serve, deploy the OpenAI-compatible app, block until stopped.
+
+With no arguments it starts a fresh local Ray cluster and serves the bundled models on
+http://127.0.0.1:8000/v1. `--config FILE` reads a Ray Serve config file (the one `serve deploy`
+and a KubeRay RayService use); without it the flags build the configuration. Ctrl-C or SIGTERM
+shuts Serve and Ray down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
+from dspark_ray.serving.config import AppConfig, ServeConfig, WorkersConfig
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve models behind an OpenAI-compatible API on Ray Serve",
+        description="Serve the target (and drafter) on Ray Serve: OpenAI-compatible HTTP on --port, "
+                    "gRPC (dspark.v1.InferenceService) on --grpc-port. Ctrl-C stops.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="Ray Serve config file with a dspark_ray.serving.app:build_app application; "
+                             "it replaces the model flags (--host/--port/--grpc-port still override)")
+    add_engine_arguments(parser)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel target ranks (runs on worker actors)")
+    parser.add_argument("--model-name", default=AppConfig.model_fields["model_name"].default,
+                        help="model name clients send")
+    parser.add_argument("--host", default=None, help="HTTP bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0 disables gRPC)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="most sequences decoded together")
+    parser.add_argument("--address", default="local",
+                        help="Ray cluster to use: 'local' (default) starts a fresh one, 'auto' joins a running one")
+    parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of a fresh local Ray cluster")
+    parser.set_defaults(func=run)
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    if args.config is not None:
+        config = ServeConfig.from_file(args.config)
+    else:
+        overrides = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
+        workers = WorkersConfig(mode="distributed" if args.tp > 1 else "local", tensor_parallel_size=args.tp)
+        app = AppConfig(model_name=args.model_name, engine=engine_config_from_args(args, **overrides),
+                        workers=workers, torch_num_threads=args.threads or 1)
+        config = ServeConfig(app=app)
+    updates = {}
+    if args.host is not None:
+        updates["http_host"] = args.host
+    if args.port is not None:
+        updates["http_port"] = args.port
+    if args.grpc_port is not None:
+        updates["grpc_port"] = args.grpc_port or None
+    return ServeConfig.model_validate({**config.model_dump(), **updates}) if updates else config
+
+
+def start(config: ServeConfig, address: str = "local", num_cpus: float | None = None) -> None:
+    """Start (or join) Ray, start Serve with the config's proxies and deploy the app; returns when it is up."""
+    import ray
+    from ray import serve
+
+    from dspark_ray.serving.app import build_app
+
+    init_args = {"address": address, "include_dashboard": False}
+    if address == "local" and num_cpus is not None:
+        init_args["num_cpus"] = num_cpus
+    ray.init(**init_args)
+    serve.start(http_options=config.http_options(), grpc_options=config.grpc_options())
+    serve.run(build_app(config.app), name=config.app_name, route_prefix=config.route_prefix)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = serve_config_from_args(args)
+    except (ValueError, OSError) as error:
+        print(f"dspark-ray serve: error: {error}", file=sys.stderr)
+        return 2
+    stopping, status = threading.Event(), 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        start(config, args.address, args.num_cpus)
+        grpc = f", gRPC on {config.http_host}:{config.grpc_port}" if config.grpc_port else ""
+        print(f"dspark-ray: serving '{config.app.model_name}' at {config.base_url}{grpc} (Ctrl-C stops)", flush=True)
+        while not stopping.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:  # a failed deployment: say why, then still shut Ray down
+        print(f"dspark-ray serve: error: {error}", file=sys.stderr)
+        status = 1
+    finally:
+        print("dspark-ray: shutting down", flush=True)
+        stop()
+        signal.signal(signal.SIGTERM, previous)
+    return status

@@ -1,0 +1,135 @@
+"""The model-server deployment's body: build one model instance, turn prompts into token ids, stream.
+
+`ServedModel` is a plain class; `dspark_ray.serving.app` applies `serve.deployment` to it when the
+application is built. It builds the engine (in-process by default, on worker actors when the
+config asks for them), owns the tokenizer and the chat template, rejects prompts the engine
+cannot take (empty, too long, token ids outside either vocabulary) and hands the rest to the
+`ModelServer` coordinator. It knows nothing about HTTP, gRPC or the OpenAI wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from dspark_ray.config import EngineConfig
+from dspark_ray.engine.engine import SpeculativeEngine
+from dspark_ray.engine.factory import build_engine, load_models
+from dspark_ray.engine.loading import load_tokenizer
+from dspark_ray.serving.config import AppConfig, WorkersConfig
+from dspark_ray.serving.model_server import ModelServer
+from dspark_ray.serving.openai_api import InferenceRequest, RequestRejected
+from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    context_limit: int  # prompt + completion tokens
+    vocab_size: int  # token ids below this are valid for the target and the drafter
+    has_chat_template: bool
+
+
+class ServedModel:
+    def __init__(self, config: AppConfig) -> None:
+        torch.set_num_threads(config.torch_num_threads)
+        self.config = config
+        self.tokenizer = load_tokenizer(config.engine.target)
+        self.chat_template = self.tokenizer.chat_template or config.chat_template
+        engine, decode = build_model_engine(config.engine, config.workers)
+        self.info = ModelInfo(config.model_name, engine.stop_rules.context_limit, shared_vocab_size(config.engine),
+                              self.chat_template is not None)
+        self.server = ModelServer(engine, decode, config.model_name)
+
+    async def generate(self, request: InferenceRequest) -> AsyncIterator[CompletionDelta | RequestRejected]:
+        """Deltas of one completion, or a single `RequestRejected` when the prompt is unusable.
+
+        Closing this generator (the client went away, the router gave up) aborts the sequence.
+        """
+        prepared = self.prepare(request)
+        if isinstance(prepared, RequestRejected):
+            yield prepared
+            return
+        async for delta in self.server.generate(prepared):
+            yield delta
+
+    def prepare(self, request: InferenceRequest) -> CompletionRequest | RequestRejected:
+        if request.messages is not None:
+            if self.chat_template is None:
+                return RequestRejected(400, "chat_template_missing",
+                                       f"model {self.info.model_name} has no chat template; use /v1/completions",
+                                       "messages")
+            token_ids = encode_chat(self.tokenizer, self.chat_template, request.messages)
+        elif request.prompt_text is not None:
+            token_ids = self.tokenizer.encode(request.prompt_text)
+        else:
+            token_ids = list(request.prompt_token_ids or [])
+            bad = [t for t in token_ids if not 0 <= t < self.info.vocab_size]
+            if bad:
+                return RequestRejected(400, "token_id_out_of_vocabulary",
+                                       f"token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})",
+                                       "prompt")
+        return self._check_length(request, token_ids)
+
+    def _check_length(self, request: InferenceRequest, token_ids: list[int]) -> CompletionRequest | RequestRejected:
+        limit = self.info.context_limit
+        if not token_ids:
+            return RequestRejected(400, "empty_prompt", "the prompt holds no tokens", "prompt")
+        room = limit - len(token_ids)
+        if room <= 0 or (request.max_tokens is not None and request.max_tokens > room):
+            wanted = len(token_ids) + (request.max_tokens or 1)
+            return RequestRejected(
+                400, "context_length_exceeded",
+                f"this model's maximum context length is {limit} tokens, but {wanted} were requested "
+                f"({len(token_ids)} in the prompt, {request.max_tokens or 1} for the completion)",
+                "max_tokens" if room > 0 else "prompt")
+        return CompletionRequest(request.request_id, token_ids, request.sampling, request.max_tokens or room,
+                                 request.stop, request.ignore_eos)
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def num_active(self) -> int:
+        return self.server.num_active
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a dead engine loop fails the replica so Serve replaces it."""
+        if not self.server._thread.is_alive():
+            raise RuntimeError("the engine loop thread has stopped")
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.shutdown()
+
+
+def build_model_engine(engine_config: EngineConfig, workers: WorkersConfig
+                       ) -> tuple[SpeculativeEngine, Callable[[list[int]], str]]:
+    if workers.mode == "distributed":
+        try:
+            from dspark_ray.serving.distributed import build_distributed_engine
+        except ImportError as error:
+            raise RuntimeError(
+                "workers.mode 'distributed' (or tensor_parallel_size > 1) needs "
+                "dspark_ray.serving.distributed.build_distributed_engine, which is not available in this "
+                "installation; use workers.mode 'local'"
+            ) from error
+        return build_distributed_engine(engine_config, workers)
+    models = load_models(engine_config)
+    tokenizer = models.tokenizer
+    return build_engine(engine_config, models), lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def shared_vocab_size(engine_config: EngineConfig) -> int:
+    """Token ids valid for the target and, when it drafts with a model, for the draft LM too."""
+    paths = [engine_config.target] + ([engine_config.draft] if engine_config.drafter == "model" else [])
+    return min(AutoConfig.from_pretrained(path, local_files_only=True).vocab_size for path in paths)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, template: str, messages) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                         chat_template=template, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
