@@ -1,0 +1,86 @@
+"""Fixtures of the distributed-backend tests: ONE local Ray cluster per pytest session (reused if
+another conftest started it), tiny checkpoints built once, engines built once per module.
+
+The machine running CI has 2 cores shared with other jobs: workers reserve ~no CPU
+(`num_cpus=0`-like bundles) and run one torch thread each.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))  # the engine tests' tiny models
+
+from tiny_models import TinyModels, build_pair  # noqa: E402
+
+from dspark_ray.config import EngineConfig  # noqa: E402
+from dspark_ray.engine.factory import build_engine, load_models  # noqa: E402
+from dspark_ray.engine.sequence import GenerationRequest, Sequence  # noqa: E402
+
+torch.set_num_threads(1)
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+# Ragged prompts with repeats (so n-gram lookup finds matches); no EOS in the tiny vocabulary.
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 9, 10], [20, 21], [30, 31, 32, 33, 30, 31, 32], [40, 41, 42]]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 object_store_memory=128 * 1024 * 1024)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Callable[[str], TinyModels]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, TinyModels] = {}
+
+    def get(arch: str) -> TinyModels:
+        if arch not in built:
+            built[arch] = build_pair(arch, root)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def local_outputs() -> Callable[[EngineConfig, list[GenerationRequest]], list[list[int]]]:
+    """The in-process engine's outputs for the same config (the oracle), cached."""
+    cache: dict = {}
+
+    def get(config: EngineConfig, requests: list[GenerationRequest]) -> list[list[int]]:
+        key = (config.model_dump_json(), repr(requests))
+        if key not in cache:
+            engine = build_engine(config, load_models(config))
+            cache[key] = [seq.output_token_ids for seq in engine.generate(requests)]
+        return cache[key]
+
+    return get
+
+
+def engine_config(models: TinyModels, drafter: str, **overrides) -> EngineConfig:
+    return EngineConfig(target=models.target_dir, draft=models.draft_dir, drafter=drafter, num_speculative_tokens=4,
+                        **overrides)
+
+
+def greedy_requests(max_tokens: int = MAX_TOKENS) -> list[GenerationRequest]:
+    return [GenerationRequest(prompt, max_tokens=max_tokens) for prompt in PROMPTS]
+
+
+def outputs(seqs: list[Sequence]) -> list[list[int]]:
+    return [seq.output_token_ids for seq in seqs]

@@ -1,0 +1,75 @@
+"""The pipelined step strategy, in process (no Ray): same outputs, two alternating micro-batches."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import PROMPTS, engine_config, greedy_requests, outputs
+from dspark_ray.core.sampling import SamplingParams
+from dspark_ray.engine.factory import build_engine, load_models
+from dspark_ray.engine.sequence import GenerationRequest
+from dspark_ray.serving.distributed.pipeline import PipelinedEngine
+
+
+def _pipelined(config, pipelined: bool = True) -> PipelinedEngine:
+    local = build_engine(config, load_models(config))
+    return PipelinedEngine(local.verifier, local.drafter, local.stop_rules, local.num_speculative_tokens,
+                           local.max_batch_size, pipelined=pipelined)
+
+
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_pipelined_greedy_output_is_the_engines(tiny, local_outputs, drafter: str) -> None:
+    config = engine_config(tiny("llama"), drafter)
+    engine = _pipelined(config)
+    assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
+
+
+def test_pipelining_off_is_the_plain_engine(tiny, local_outputs) -> None:
+    config = engine_config(tiny("llama"), "model")
+    assert outputs(_pipelined(config, False).generate(greedy_requests())) == local_outputs(config, greedy_requests())
+
+
+def test_micro_batches_alternate_and_overlap(tiny) -> None:
+    engine = _pipelined(engine_config(tiny("llama"), "model"))
+    calls: list[tuple[str, tuple[int, ...], str]] = []
+    propose, verify = engine.drafter.propose, engine.verifier.verify
+
+    def spy_propose(seqs, budgets):
+        calls.append(("propose", tuple(seq.seq_id for seq in seqs), threading.current_thread().name))
+        return propose(seqs, budgets)
+
+    def spy_verify(seqs, proposal):
+        calls.append(("verify", tuple(seq.seq_id for seq in seqs), threading.current_thread().name))
+        return verify(seqs, proposal)
+
+    engine.drafter.propose, engine.verifier.verify = spy_propose, spy_verify
+    for request in greedy_requests(max_tokens=12):
+        engine.add_request(request)
+    for _ in range(4):
+        engine.step()
+    verified = [ids for kind, ids, _ in calls if kind == "verify"]
+    assert set(verified[0]).isdisjoint(verified[1]) and set(verified[0]) | set(verified[1]) == set(range(len(PROMPTS)))
+    assert verified[2] == verified[0] and verified[3] == verified[1]
+    background = [ids for kind, ids, thread in calls if kind == "propose" and thread.startswith("propose")]
+    assert background[:2] == [verified[1], verified[0]]  # drafted while the target verified the other half
+
+
+def test_abort_drops_rows_of_a_ready_proposal(tiny, local_outputs) -> None:
+    config = engine_config(tiny("llama"), "model")
+    engine = _pipelined(config)
+    seqs = [engine.add_request(request) for request in greedy_requests()]
+    engine.step()
+    engine.abort([seqs[1].seq_id, seqs[4].seq_id])
+    while engine.has_unfinished():
+        engine.step()
+    expected = local_outputs(config, greedy_requests())
+    assert [seqs[i].output_token_ids for i in (0, 2, 3)] == [expected[i] for i in (0, 2, 3)]
+
+
+def test_seeded_sampling_is_reproducible(tiny) -> None:
+    config = engine_config(tiny("llama"), "model")
+    requests = [GenerationRequest(prompt, SamplingParams(temperature=0.8, top_p=0.9, seed=i), max_tokens=12)
+                for i, prompt in enumerate(PROMPTS)]
+    assert outputs(_pipelined(config).generate(requests)) == outputs(_pipelined(config).generate(requests))
