@@ -23,6 +23,14 @@ stop early rather than take the argmax over the whole greedy path:
      positions < j, none of which depends on x_bj. The argmax looks at S_b,j+1, which depends on
      x_bj, so whether x_bj is verified would depend on x_bj itself and bias the output.
 
+Padded batches. An engine that pads every row of the verification forward to the longest one
+pays for B = num_requests * (1 + longest verified draft), not the sum. For such an engine
+(`padded=True`; ours, whose runner pads) the step cost depends only on that common width L, and
+at a given width verifying every draft up to it is free, so the scheduler picks one cap L for the
+batch: rows verify min(num_draft_tokens, L), L grows from 0 while Theta grows. Both arguments
+above carry over (exact for convex step time; whether draft j of a row is verified depends only on
+survival at positions <= j).
+
 This module knows nothing about drafters, models or the engine: tensors and floats in and out.
 """
 
@@ -121,12 +129,16 @@ def monotone_survival(
     return torch.where(valid, clean, torch.zeros_like(clean))
 
 
-def schedule_throughput(survival: Tensor, num_verify_tokens: Tensor, curve: SpsCurve) -> VerificationSchedule:
+def schedule_throughput(survival: Tensor, num_verify_tokens: Tensor, curve: SpsCurve,
+                        padded: bool = False) -> VerificationSchedule:
     """Evaluate any schedule: survival [B, K] (monotone), num_verify_tokens [B] int64."""
     admitted = torch.arange(survival.shape[1])[None, :] < num_verify_tokens[:, None]  # [B, K]
     batch = survival.shape[0]
     expected = batch + float(survival.double()[admitted].sum())
-    num_batch_tokens = batch + int(num_verify_tokens.sum())
+    if padded:
+        num_batch_tokens = batch * (1 + int(num_verify_tokens.max())) if batch else 0
+    else:
+        num_batch_tokens = batch + int(num_verify_tokens.sum())
     throughput = expected * float(curve.steps_per_second(num_batch_tokens)) if batch else 0.0
     return VerificationSchedule(num_verify_tokens.long(), expected, num_batch_tokens, throughput)
 
@@ -135,10 +147,13 @@ def schedule_by_confidence(
     survival: Tensor,  # [B, K] survival probabilities of each request's draft prefixes
     num_draft_tokens: Tensor,  # [B] int64: drafted tokens per request (ragged rows)
     curve: SpsCurve,
+    padded: bool = False,  # the verification forward pads rows to the longest (see the module docstring)
 ) -> VerificationSchedule:
     """DSpark's prefix scheduler: greedy admission in descending survival with early stopping."""
     batch = survival.shape[0]
     survival = monotone_survival(survival, num_draft_tokens)
+    if padded:
+        return _schedule_padded(survival, num_draft_tokens, curve)
     valid = torch.arange(survival.shape[1])[None, :] < num_draft_tokens[:, None]  # [B, K]
     rows, positions = valid.nonzero(as_tuple=True)  # [N] each, row-major
     probs = survival[rows, positions]  # [N]
@@ -152,8 +167,18 @@ def schedule_by_confidence(
     return schedule_throughput(survival, counts, curve)
 
 
+def _schedule_padded(survival: Tensor, num_draft_tokens: Tensor, curve: SpsCurve) -> VerificationSchedule:
+    """One cap L for the batch, grown from 0 while Theta grows. # survival [B, K] monotone"""
+    batch = survival.shape[0]
+    width = int(num_draft_tokens.max()) if batch else 0
+    expected = batch + torch.cat([survival.new_zeros(1), survival.sum(0)[:width].cumsum(0)])  # [width+1] tau(L)
+    throughput = expected * curve.steps_per_second(batch * (1 + torch.arange(width + 1)))  # [width+1]
+    cap = int((throughput[1:] > throughput[:-1]).long().cumprod(0).sum())
+    return schedule_throughput(survival, num_draft_tokens.long().clamp(max=cap), curve, padded=True)
+
+
 def schedule_fixed(survival: Tensor, num_draft_tokens: Tensor, curve: SpsCurve,
-                   length: int | None = None) -> VerificationSchedule:
+                   length: int | None = None, padded: bool = False) -> VerificationSchedule:
     """Every request verifies min(num_draft_tokens, length) drafts (all of them when length is None)."""
     counts = num_draft_tokens.long() if length is None else num_draft_tokens.long().clamp(max=length)
-    return schedule_throughput(monotone_survival(survival, num_draft_tokens), counts, curve)
+    return schedule_throughput(monotone_survival(survival, num_draft_tokens), counts, curve, padded)

@@ -26,10 +26,18 @@ def random_survival(generator: torch.Generator, batch: int, width: int) -> tuple
     return monotone_survival(conditional.cumprod(1), num_draft_tokens), num_draft_tokens
 
 
-def brute_force(survival: torch.Tensor, num_draft_tokens: torch.Tensor, curve: SpsCurve) -> float:
+def brute_force(survival: torch.Tensor, num_draft_tokens: torch.Tensor, curve: SpsCurve,
+                padded: bool = False) -> float:
     ranges = [range(int(n) + 1) for n in num_draft_tokens]
-    return max(schedule_throughput(survival, torch.tensor(counts, dtype=torch.long), curve).throughput
+    return max(schedule_throughput(survival, torch.tensor(counts, dtype=torch.long), curve, padded).throughput
                for counts in itertools.product(*ranges))
+
+
+def convex_curve(generator: torch.Generator, max_tokens: int) -> SpsCurve:
+    base, slope, curvature = torch.rand(3, generator=generator).tolist()
+    points = list(range(1, max_tokens + 1))
+    return SpsCurve.from_measurements(points, [1.0 / (0.05 + base + 0.3 * slope * b + 0.05 * curvature * b * b)
+                                               for b in points])
 
 
 # SPS curve
@@ -122,6 +130,21 @@ def test_ties_admit_lower_positions_then_lower_rows_first():
     assert flat.num_verify_tokens.tolist() == [2, 2]
 
 
+def test_padded_batches_get_one_cap_for_every_row():
+    survival = torch.tensor([[0.99, 0.95, 0.9, 0.2], [0.3, 0.1, 0.05, 0.01], [0.9, 0.8, 0.0, 0.0]])
+    num_draft_tokens = torch.tensor([4, 4, 2])
+    assert schedule_by_confidence(survival, num_draft_tokens, FLAT, padded=True).num_verify_tokens.tolist() == [4, 4, 2]
+    none = schedule_by_confidence(survival, num_draft_tokens, PROPORTIONAL, padded=True)
+    assert none.num_verify_tokens.tolist() == [0, 0, 0] and none.num_batch_tokens == 3
+    curve = SpsCurve.linear(0.02, 0.001, max_tokens=64)
+    schedule = schedule_by_confidence(survival, num_draft_tokens, curve, padded=True)
+    cap = int(schedule.num_verify_tokens.max())
+    assert schedule.num_verify_tokens.tolist() == num_draft_tokens.clamp(max=cap).tolist()
+    assert schedule.num_batch_tokens == 3 * (1 + cap)
+    fixed = schedule_fixed(survival, num_draft_tokens, curve, length=3, padded=True)
+    assert fixed.num_batch_tokens == 3 * 4
+
+
 def test_fixed_mode_verifies_min_of_draft_and_length():
     survival = torch.tensor([[0.9, 0.8, 0.7], [0.9, 0.0, 0.0]])
     fixed = schedule_fixed(survival, torch.tensor([3, 1]), PROPORTIONAL, length=2)
@@ -137,13 +160,11 @@ def test_greedy_is_optimal_on_convex_step_times(seed):
     generator = torch.Generator().manual_seed(seed)
     batch, width = int(torch.randint(1, 4, (1,), generator=generator)), int(torch.randint(1, 5, (1,), generator=generator))
     survival, num_draft_tokens = random_survival(generator, batch, width)
-    base, slope, curvature = torch.rand(3, generator=generator).tolist()
-    points = list(range(1, batch * (width + 1) + 2))
-    curve = SpsCurve.from_measurements(points, [1.0 / (0.05 + base + 0.3 * slope * b + 0.05 * curvature * b * b)
-                                                for b in points])
-    schedule = schedule_by_confidence(survival, num_draft_tokens, curve)
-    assert bool((schedule.num_verify_tokens <= num_draft_tokens).all())
-    assert schedule.throughput == pytest.approx(brute_force(survival, num_draft_tokens, curve), rel=1e-12)
+    curve = convex_curve(generator, batch * (width + 1) + 1)
+    for padded in (False, True):
+        schedule = schedule_by_confidence(survival, num_draft_tokens, curve, padded=padded)
+        assert bool((schedule.num_verify_tokens <= num_draft_tokens).all())
+        assert schedule.throughput == pytest.approx(brute_force(survival, num_draft_tokens, curve, padded), rel=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -174,11 +195,12 @@ def test_whether_a_draft_is_verified_never_depends_on_later_positions_of_its_row
     generator = torch.Generator().manual_seed(200 + seed)
     survival, num_draft_tokens = random_survival(generator, 4, 6)
     curve = SpsCurve.linear(0.01, float(torch.rand(1, generator=generator)) * 0.004, max_tokens=64)
-    before = schedule_by_confidence(survival, num_draft_tokens, curve).num_verify_tokens
-    for row in range(4):
-        for position in range(int(num_draft_tokens[row])):
-            changed = survival.clone()
-            changed[row, position + 1:] = survival[row, position] * torch.rand(6 - position - 1, generator=generator,
-                                                                                dtype=torch.float64)
-            after = schedule_by_confidence(changed, num_draft_tokens, curve).num_verify_tokens
-            assert min(int(after[row]), position + 1) == min(int(before[row]), position + 1)
+    for padded in (False, True):
+        before = schedule_by_confidence(survival, num_draft_tokens, curve, padded=padded).num_verify_tokens
+        for row in range(4):
+            for position in range(int(num_draft_tokens[row])):
+                changed = survival.clone()
+                changed[row, position + 1:] = survival[row, position] * torch.rand(
+                    6 - position - 1, generator=generator, dtype=torch.float64)
+                after = schedule_by_confidence(changed, num_draft_tokens, curve, padded=padded).num_verify_tokens
+                assert min(int(after[row]), position + 1) == min(int(before[row]), position + 1)

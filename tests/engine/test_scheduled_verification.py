@@ -93,24 +93,32 @@ def target_only(models):
     return [seq.output_token_ids for seq in generate(models[0], NoDrafter())]
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("curve_name, curve", [("flat", FLAT), ("proportional", PROPORTIONAL),
                                                ("linear", SpsCurve.linear(0.01, 0.002, max_tokens=64))])
-def test_greedy_output_is_identical_to_the_target_alone(models, target_only, curve_name, curve):
+def test_greedy_output_is_identical_to_the_target_alone(models, target_only, curve_name, curve, padded):
     target, draft = models
-    seqs = generate(target, ConfidenceScheduledDrafter(ConfidentDrafter(draft), curve, temperatures=[1.5, 1.0]))
-    assert [seq.output_token_ids for seq in seqs] == target_only
+    scheduled = ConfidenceScheduledDrafter(ConfidentDrafter(draft), curve, temperatures=[1.5, 1.0], padded=padded)
+    assert [seq.output_token_ids for seq in generate(target, scheduled)] == target_only
 
 
-def test_verified_lengths_follow_the_curve(models):
+@pytest.mark.parametrize("padded", [False, True])
+def test_verified_lengths_follow_the_curve(models, padded):
     target, draft = models
     drafted, accepted = {}, {}
     for name, curve in [("flat", FLAT), ("linear", SpsCurve.linear(0.01, 0.004, max_tokens=64)),
                         ("proportional", PROPORTIONAL)]:
         inner = ConfidentDrafter(draft)
-        seqs = generate(target, ConfidenceScheduledDrafter(inner, curve))
+        scheduled = ConfidenceScheduledDrafter(inner, curve, padded=padded)
+        seqs = generate(target, scheduled)
         proposed = sum(int(p.num_draft_tokens.sum()) for p in inner.proposals)
         drafted[name] = sum(seq.stats.num_draft_tokens for seq in seqs) / proposed
         accepted[name] = sum(seq.stats.num_accepted_tokens for seq in seqs)
+        if padded:  # one cap per step: every row verifies min(drafted, cap)
+            last = scheduled.last_schedule.num_verify_tokens
+            cap = int(last.max())
+            scheduled_proposal = next(p for p in reversed(inner.proposals) if p.draft_token_ids.shape[1])
+            assert last.tolist() == scheduled_proposal.num_draft_tokens.clamp(max=cap).tolist()
     assert drafted["flat"] == 1.0
     assert 0 < accepted["flat"] < proposed  # drafts are neither always nor never accepted
     assert 0.0 < drafted["linear"] < 1.0

@@ -6,6 +6,11 @@ tokens were sampled from. Under sampling this also needs the decision to verify 
 blind to the token x_j itself; `dspark_ray.core.scheduling` explains why its early stopping is,
 given confidence logits that depend on the drafted prefix x_{<j} only (DSpark's head does).
 
+The step cost is modelled as the engine pays it: `CausalLMRunner` pads every row of the
+verification forward to the longest, so by default (`padded=True`) the scheduler picks one cap for
+the batch (see `dspark_ray.core.scheduling`); `padded=False` is the paper's ragged cost, for a
+verifier that packs rows without padding.
+
 Proposals without confidence logits pass through untouched. The wrapper knows nothing about
 models: it holds the calibration temperatures and the target's SPS(B) curve.
 """
@@ -29,10 +34,12 @@ CALIBRATION_FILE = "calibration.json"  # in the drafter's directory
 
 
 class ConfidenceScheduledDrafter:
-    def __init__(self, drafter: Drafter, curve: SpsCurve, temperatures: SequenceOf[float] | None = None) -> None:
+    def __init__(self, drafter: Drafter, curve: SpsCurve, temperatures: SequenceOf[float] | None = None,
+                 padded: bool = True) -> None:
         self.drafter = drafter
         self.curve = curve
         self.temperatures = list(temperatures) if temperatures else None
+        self.padded = padded
         self.last_schedule: VerificationSchedule | None = None  # of the latest scheduled proposal
 
     @classmethod
@@ -57,7 +64,7 @@ class ConfidenceScheduledDrafter:
         if proposal.confidence_logits is None or proposal.draft_token_ids.shape[1] == 0:
             return proposal
         survival = survival_probs(proposal.confidence_logits, self.temperatures)  # [B, K]
-        self.last_schedule = schedule_by_confidence(survival, proposal.num_draft_tokens, self.curve)
+        self.last_schedule = schedule_by_confidence(survival, proposal.num_draft_tokens, self.curve, self.padded)
         return truncate_proposal(proposal, self.last_schedule.num_verify_tokens)
 
     def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],
