@@ -35,6 +35,8 @@ class SpeculativeEngine:
     def add_request(self, request: GenerationRequest) -> Sequence:
         if not request.prompt_token_ids:
             raise ValueError("the prompt must hold at least one token")
+        if request.max_tokens < 1:  # the prefill always emits one token
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
         if len(request.prompt_token_ids) >= self.stop_rules.context_limit:
             raise ValueError(f"the prompt ({len(request.prompt_token_ids)} tokens) leaves no room in the "
                              f"context ({self.stop_rules.context_limit} tokens)")

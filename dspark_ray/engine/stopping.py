@@ -44,10 +44,13 @@ class StopRules:
         found = [(index, stop) for index, stop in found if index >= 0]
         if not found:
             return
-        index, stop = min(found)
+        # The match completed by the fewest tokens wins (then the earliest start), as if tokens came
+        # one per step: how a block grouped them must not change the output.
+        num_kept, index = min((self._tokens_covering(seq.output_token_ids, index + len(stop), num_before), index)
+                              for index, stop in found)
         seq.stop_text_end = index
         seq.finish_reason = FinishReason.STOP
-        del seq.output_token_ids[self._tokens_covering(seq.output_token_ids, index + len(stop), num_before):]
+        del seq.output_token_ids[num_kept:]
 
     def _tokens_covering(self, token_ids: list[int], num_chars: int, start: int) -> int:
         """Fewest output tokens whose text reaches `num_chars` characters."""
