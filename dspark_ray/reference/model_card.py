@@ -8,9 +8,10 @@ from typing import Any
 REBUILD = "dspark-ray build-reference --out dspark_ray/assets/reference"
 # Measured while sizing the recipe (default steps) on the shared 2-core CPU machine.
 CPU_TIMING = (
-    "The default recipe is sized for a 2-core CPU: there the target trained at ~1.7 s/step\n"
-    "(batch 16 x 256) while the machine was quiet, i.e. ~23 min for its 800 steps, and the draft\n"
-    "needs a few minutes more; a contended machine is several times slower. Use\n"
+    "The default recipe is sized for a 2-core CPU: there the target's first 50 steps ran at\n"
+    "1.7-2.0 s/step (batch 16 x 256), i.e. ~23-27 min for its 800 steps, plus the draft (not\n"
+    "timed on CPU); the full CPU run was not completed here because other jobs then slowed the\n"
+    "shared machine to ~15 s/step. Use\n"
     "`--device cuda` where a GPU is available (the same recipe; GPU kernels may differ in the\n"
     "last bits, so GPU builds are not byte-identical to CPU ones).\n"
 )
