@@ -64,6 +64,19 @@ def test_one_batch_equals_target_alone(tiny, reference, compactions, arch, draft
             f"mean acceptance length {sum(seq.stats.mean_acceptance_length for seq in seqs) / len(seqs):.2f}")
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fully_accepted_blocks_equal_target_alone(tiny, reference, arch):
+    """The target drafting for itself: long accepted blocks, the bonus token every step."""
+    models = tiny(arch)
+    engine = make_engine(models.target, make_drafter("echo", models.target, None, 6), 6)
+
+    seqs = engine.generate([GenerationRequest(list(p), max_tokens=n) for p, n in zip(PROMPTS, MAX_TOKENS)])
+
+    assert_matches_target_alone(tiny, reference, arch, seqs, PROMPTS, MAX_TOKENS)
+    num_drafted = sum(seq.stats.num_draft_tokens for seq in seqs)
+    assert sum(seq.stats.num_accepted_tokens for seq in seqs) >= 0.9 * num_drafted
+
+
 def test_tiny_drafts_agree_partially(tiny, reference):
     """The drafts must be neither useless nor perfect, or the tests above prove little."""
     for arch in ARCHITECTURES:
@@ -92,7 +105,8 @@ def test_continuous_batching_equals_target_alone(tiny, reference, arch, drafter)
     step = 0
     while engine.has_unfinished() or step <= max(SCHEDULE):
         for prompt, max_tokens in SCHEDULE.get(step, []):
-            added.append((engine.add_request(GenerationRequest(list(prompt), max_tokens=max_tokens)), prompt, max_tokens))
+            seq = engine.add_request(GenerationRequest(list(prompt), max_tokens=max_tokens))
+            added.append((seq, prompt, max_tokens))
         for seq in engine.step():
             assert seq.seq_id not in finished_at, "a sequence finished twice"
             finished_at[seq.seq_id] = step
