@@ -4,7 +4,8 @@ B tokens in total, for DSpark's prefix scheduler.
 A step of B tokens is `num_sequences` sequences, each with `context_length` tokens already cached
 and verifying `B / num_sequences` tokens (its last committed token plus drafts), through the same
 runner and ragged KV cache as the engine: one target forward, then the rollback the engine does
-after verification. Each B is repeated; the median step time is kept. Prefill is not timed.
+after verification. Measurement goes in rounds, one step of every B per round, so load that comes
+and goes affects all B alike; the median step time over rounds is kept. Prefill is not timed.
 
 The profile is JSON: `{"format": ..., "num_tokens": [...], "steps_per_second": [...], "points":
 [...], "settings": {...}, "environment": {...}}`; `load_sps_curve` reads it back as an
@@ -72,42 +73,58 @@ def batch_shapes(settings: ProfileSettings) -> list[tuple[int, int]]:
     return shapes
 
 
-@torch.no_grad()
-def measure_point(model: PreTrainedModel, num_sequences: int, tokens_per_sequence: int,
-                  settings: ProfileSettings) -> ProfilePoint:
-    context = min(settings.context_length, context_limit(model) - tokens_per_sequence - 1)
-    if context < 1:
-        raise ValueError(f"the model's context ({context_limit(model)}) is too short for the profile")
-    generator = torch.Generator().manual_seed(settings.seed)
-    vocab = vocab_size(model)
-    contexts = torch.randint(1, vocab, (num_sequences, context), generator=generator).tolist()
-    fed = torch.randint(1, vocab, (num_sequences, tokens_per_sequence), generator=generator).tolist()
-    runner = CausalLMRunner(model)
-    runner.add(dict(enumerate(contexts)))
-    feed = dict(enumerate(fed))
-    rollback = {row: contexts[row] + fed[row][:1] for row in range(num_sequences)}  # back to `context` cached
-    times = []
-    for repeat in range(settings.num_warmup + settings.num_repeats):
-        _synchronize(model)
+class _Batch:
+    """`num_sequences` runner rows holding `context` cached tokens, and the tokens each step verifies."""
+
+    def __init__(self, model: PreTrainedModel, num_sequences: int, tokens_per_sequence: int,
+                 settings: ProfileSettings) -> None:
+        context = min(settings.context_length, context_limit(model) - tokens_per_sequence - 1)
+        if context < 1:
+            raise ValueError(f"the model's context ({context_limit(model)}) is too short for the profile")
+        generator = torch.Generator().manual_seed(settings.seed)
+        vocab = vocab_size(model)
+        contexts = torch.randint(1, vocab, (num_sequences, context), generator=generator).tolist()
+        fed = torch.randint(1, vocab, (num_sequences, tokens_per_sequence), generator=generator).tolist()
+        self.model = model
+        self.num_sequences, self.tokens_per_sequence = num_sequences, tokens_per_sequence
+        self.runner = CausalLMRunner(model)
+        self.runner.add(dict(enumerate(contexts)))
+        self.feed = dict(enumerate(fed))
+        self.rollback = {row: contexts[row] + fed[row][:1] for row in range(num_sequences)}  # back to `context`
+
+    @torch.no_grad()
+    def time_step(self) -> float:
+        """Seconds for one verification forward and the rollback after it."""
+        _synchronize(self.model)
         start = time.perf_counter()
-        runner.forward(feed)
-        runner.sync(rollback)
-        _synchronize(model)
-        if repeat >= settings.num_warmup:
-            times.append(time.perf_counter() - start)
-    step_time = statistics.median(times)
-    return ProfilePoint(num_sequences * tokens_per_sequence, num_sequences, tokens_per_sequence, step_time,
-                        1.0 / step_time)
+        self.runner.forward(self.feed)
+        self.runner.sync(self.rollback)
+        _synchronize(self.model)
+        return time.perf_counter() - start
+
+
+def measure_points(model: PreTrainedModel, settings: ProfileSettings, progress: bool = True) -> list[ProfilePoint]:
+    """Rounds over every B in turn (so load that comes and goes hits all B alike); medians."""
+    batches = [_Batch(model, rows, per_sequence, settings) for rows, per_sequence in batch_shapes(settings)]
+    times: list[list[float]] = [[] for _ in batches]
+    rounds = tqdm(range(settings.num_warmup + settings.num_repeats), desc="profiling SPS(B)", unit="round",
+                  file=sys.stderr, disable=not progress)
+    for round_index in rounds:
+        for batch, batch_times in zip(batches, times):
+            elapsed = batch.time_step()
+            if round_index >= settings.num_warmup:
+                batch_times.append(elapsed)
+    points = []
+    for batch, batch_times in zip(batches, times):
+        step_time = statistics.median(batch_times)
+        points.append(ProfilePoint(batch.num_sequences * batch.tokens_per_sequence, batch.num_sequences,
+                                   batch.tokens_per_sequence, step_time, 1.0 / step_time))
+    return points
 
 
 def measure_profile(model: PreTrainedModel, settings: ProfileSettings, target: str = "",
                     progress: bool = True) -> dict:
-    shapes = batch_shapes(settings)
-    points = []
-    bar = tqdm(shapes, desc="profiling SPS(B)", unit="B", file=sys.stderr, disable=not progress)
-    for num_sequences, per_sequence in bar:
-        bar.set_postfix(B=num_sequences * per_sequence)
-        points.append(measure_point(model, num_sequences, per_sequence, settings))
+    points = measure_points(model, settings, progress)
     parameter = next(model.parameters())
     return {
         "format": PROFILE_FORMAT,
