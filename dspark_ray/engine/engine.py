@@ -50,8 +50,8 @@ class SpeculativeEngine:
 
     def step(self) -> list[Sequence]:
         """Advance every sequence by one verification; returns those that finished."""
-        admitted = self.admit()
-        speculating = [seq for seq in self.running if seq not in admitted]
+        admitted = {seq.seq_id for seq in self.admit()}
+        speculating = [seq for seq in self.running if seq.seq_id not in admitted]
         if speculating:
             proposal = self.propose(speculating)
             self.commit(speculating, proposal, self.verifier.verify(speculating, proposal))

@@ -46,7 +46,7 @@ class GenerationRequest:
     ignore_eos: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field comparison of token lists
 class Sequence:
     seq_id: int
     request: GenerationRequest
