@@ -6,7 +6,8 @@ Each drafter is `name=DIR:KIND` (KIND: dspark, model, ngram; `name=ngram` needs 
 `dspark=assets/reference/dspark:dspark parallel=.../dspark_parallel_only:dspark draft_lm=DIR:model
 ngram=ngram`. Every (drafter, verification schedule, batch size) is one run: all prompts decoded
 with continuous batching up to that batch size, after an untimed warm-up; with `--repeats N` the
-median wall time is kept. Greedy runs also check the tokens equal target-only decoding.
+runs go in N rounds over all rows (interleaved) and the median wall time is kept. Greedy runs
+also check the tokens equal target-only decoding.
 
 Outputs in `--out DIR`: results.json, results.md (the table also printed), acceptance.png,
 speedup.png and reliability_<name>.png per drafter with a confidence head.
@@ -98,17 +99,35 @@ def calibration_summary(outcome: RunOutcome, temperatures: list[float] | None, n
     return summary
 
 
-def run_row(spec: DrafterSpec | None, config: EngineConfig, models, requests: list[GenerationRequest],
-            repeats: int) -> tuple[RunOutcome, list[float]]:
+@dataclass
+class Row:
+    """One (drafter, schedule, batch size) of the comparison; `spec` None is target-only decoding."""
+
+    spec: DrafterSpec | None
+    config: EngineConfig
+    models: object  # LoadedModels, shared by the rows of one drafter
+    outcome: RunOutcome | None = None
+    seconds: list[float] | None = None
+
+    @property
+    def label(self) -> str:
+        name = self.spec.name if self.spec else "target-only"
+        return f"{name} b={self.config.max_batch_size} {self.config.verification_schedule}"
+
+
+def run_rows(rows: list[Row], requests: list[GenerationRequest], repeats: int) -> None:
+    """An untimed warm-up per row, then `repeats` rounds over all rows (interleaved, so load that
+    comes and goes hits every row alike); each row keeps its wall times and its last outcome."""
     from dspark_ray.engine.factory import build_engine
 
     warmup = [GenerationRequest(requests[0].prompt_token_ids, requests[0].sampling, min(8, requests[0].max_tokens))]
-    run_recorded(build_engine(config, models), warmup)
-    outcomes = [run_recorded(build_engine(config, models), requests,
-                             progress=f"{spec.name if spec else 'target-only'} b={config.max_batch_size} "
-                                      f"{config.verification_schedule}")
-                for _ in range(repeats)]
-    return outcomes[-1], [outcome.seconds for outcome in outcomes]
+    for row in rows:
+        run_recorded(build_engine(row.config, row.models), warmup)
+        row.seconds = []
+    for _ in range(repeats):
+        for row in rows:
+            row.outcome = run_recorded(build_engine(row.config, row.models), requests, progress=row.label)
+            row.seconds.append(row.outcome.seconds)
 
 
 def row_result(spec: DrafterSpec | None, config: EngineConfig, outcome: RunOutcome, seconds: list[float],
@@ -154,31 +173,27 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                 for index, (_, prompt) in enumerate(prompts)]
     base = dict(target=args.target, num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype,
                 device=args.device, adaptive_speculation="off", sps_profile=args.sps_profile)
-    results: list[dict] = []
-    baselines: dict[int, dict] = {}
-    references: dict[int, list[list[int]]] = {}
     target_only = EngineConfig(**base, drafter="none", draft=None)
     models = load_models(target_only)
-    for batch_size in args.batch_sizes:
-        config = target_only.model_copy(update={"max_batch_size": batch_size})
-        outcome, seconds = run_row(None, config, models, requests, args.repeats)
-        baselines[batch_size] = row_result(None, config, outcome, seconds, None, None, args.bins)
-        references[batch_size] = outcome.outputs if greedy else None
-        results.append(baselines[batch_size])
-    del models
+    rows = [Row(None, target_only.model_copy(update={"max_batch_size": batch_size}), models)
+            for batch_size in args.batch_sizes]
     for spec in args.drafters:
         drafter_config = EngineConfig(**base, drafter=spec.kind, draft=spec.directory)
         models = load_models(drafter_config)
         schedules = [s for s in args.schedules if s == "fixed" or spec.kind == "dspark"]
-        for batch_size in args.batch_sizes:
-            for schedule in schedules:
-                config = drafter_config.model_copy(update={"max_batch_size": batch_size,
-                                                           "verification_schedule": schedule})
-                outcome, seconds = run_row(spec, config, models, requests, args.repeats)
-                results.append(row_result(spec, config, outcome, seconds, baselines[batch_size],
-                                          references[batch_size], args.bins))
-        del models
-    return results
+        rows += [Row(spec, drafter_config.model_copy(update={"max_batch_size": batch_size,
+                                                            "verification_schedule": schedule}), models)
+                 for batch_size in args.batch_sizes for schedule in schedules]
+    run_rows(rows, requests, args.repeats)
+    baselines = {row.config.max_batch_size: row_result(None, row.config, row.outcome, row.seconds, None, None,
+                                                       args.bins)
+                 for row in rows if row.spec is None}
+    references = {row.config.max_batch_size: row.outcome.outputs if greedy else None
+                  for row in rows if row.spec is None}
+    return list(baselines.values()) + [
+        row_result(row.spec, row.config, row.outcome, row.seconds, baselines[row.config.max_batch_size],
+                   references[row.config.max_batch_size], args.bins)
+        for row in rows if row.spec is not None]
 
 
 def format_table(results: list[dict]) -> str:
