@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR, EngineConfig
+from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_TARGET_DIR, EngineConfig
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
@@ -19,8 +19,11 @@ from dspark_ray.engine.sequence import GenerationRequest, Sequence
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds an engine."""
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target model directory (HF format)")
-    parser.add_argument("--draft", type=Path, default=DEFAULT_DRAFT_DIR, help="draft model directory (HF format)")
-    parser.add_argument("--drafter", choices=["model", "ngram", "none"], default="model", help="how drafts are proposed")
+    parser.add_argument("--draft", type=Path, default=None,
+                        help=f"drafter directory: the draft LM for --drafter model (default {DEFAULT_DRAFT_DIR}), a DSpark "
+                             f"drafter for --drafter dspark (default {DEFAULT_DSPARK_DIR})")
+    parser.add_argument("--drafter", choices=["model", "dspark", "ngram", "none"], default="model",
+                        help="how drafts are proposed")
     parser.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.model_fields["num_speculative_tokens"].default,
                         help="most draft tokens per sequence and step")
     parser.add_argument("--adaptive-speculation", choices=["off", "confidence", "heuristic"], default="confidence",
@@ -36,10 +39,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:
-    fields = dict(target=args.target, draft=args.draft, drafter=args.drafter,
+    fields = dict(target=args.target, drafter=args.drafter,
                   num_speculative_tokens=args.num_speculative_tokens,
                   adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device,
                   verification_schedule=args.verification_schedule, sps_profile=args.sps_profile)
+    if args.draft is not None:  # else EngineConfig's default for the drafter kind
+        fields["draft"] = args.draft
     return EngineConfig(**{**fields, **overrides})
 
 

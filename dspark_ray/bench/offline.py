@@ -1,7 +1,9 @@
 """`dspark-ray bench offline`: HF baselines and our engine on the same target, prompts and threads.
 
 Every row decodes the same held-out prompts one at a time (batch 1, greedy), repetitions are
-interleaved across rows, and medians are reported. Speedups are ratios against the HF greedy
+interleaved across rows, and medians are reported. DSpark rows (`engine_dspark`, and the
+parallel-only ablation `engine_dspark_parallel_only`) appear when their drafter directories exist
+and draft their full block (num_speculative_tokens = the drafter's block size). Speedups are ratios against the HF greedy
 `generate` row of the same run. Each row's outputs are compared with HF greedy token for token.
 """
 
@@ -12,14 +14,15 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from dspark_ray.bench.forward_meter import ForwardMeter
-from dspark_ray.config import REFERENCE_DIR
+from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_DIR, REFERENCE_DIR
+from dspark_ray.dspark.io import load_dspark
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
@@ -55,8 +58,9 @@ class RowStats:
 class Row:
     """One way of decoding; `decode` returns the generated ids of each prompt."""
 
-    def __init__(self, name: str, decode) -> None:
+    def __init__(self, name: str, decode, draft_module: torch.nn.Module | None = None) -> None:
         self.name, self.decode = name, decode
+        self.draft_meter = ForwardMeter(draft_module) if draft_module is not None else None
 
 
 def hf_greedy_row(models: LoadedModels, max_tokens: int) -> Row:
@@ -74,12 +78,30 @@ def hf_assisted_row(models: LoadedModels, max_tokens: int) -> Row:
     return Row("hf_assisted_draft_lm", decode)
 
 
-def engine_row(name: str, config, models: LoadedModels, max_tokens: int) -> Row:
+def engine_row(name: str, config, models: LoadedModels, max_tokens: int,
+               draft_module: torch.nn.Module | None = None) -> Row:
     def decode(prompt_ids: list[int]):
         engine = build_engine(config, models)
         (seq,) = engine.generate([GenerationRequest(prompt_ids, max_tokens=max_tokens)])
         return seq.output_token_ids, seq.stats
-    return Row(name, decode)
+    return Row(name, decode, draft_module)
+
+
+def dspark_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    """Row name -> DSpark drafter directory, for those that exist."""
+    main = args.draft if args.drafter == "dspark" and args.draft is not None else DEFAULT_DSPARK_DIR
+    dirs = {"engine_dspark": main, "engine_dspark_parallel_only": args.dspark_parallel_only}
+    return {name: Path(d) for name, d in dirs.items() if (Path(d) / "config.json").is_file()}
+
+
+def dspark_rows(args: argparse.Namespace, models: LoadedModels) -> list[Row]:
+    rows = []
+    for name, directory in dspark_dirs(args).items():
+        dspark = load_dspark(directory, models.target, args.dtype)
+        config = engine_config_from_args(args, drafter="dspark", draft=directory,
+                                         num_speculative_tokens=dspark.block_size)
+        rows.append(engine_row(name, config, replace(models, dspark=dspark), args.max_tokens, dspark))
+    return rows
 
 
 def build_rows(args: argparse.Namespace, models: LoadedModels) -> list[Row]:
@@ -88,14 +110,16 @@ def build_rows(args: argparse.Namespace, models: LoadedModels) -> list[Row]:
     if models.draft is not None:
         rows.append(hf_assisted_row(models, args.max_tokens))
         for schedule in ("confidence", "heuristic", "off"):
-            config = engine_config_from_args(args, drafter="model", adaptive_speculation=schedule)
+            config = engine_config_from_args(args, drafter="model", draft=draft_lm_dir(args),
+                                             adaptive_speculation=schedule)
             rows.append(engine_row(f"engine_draft_lm_{schedule}", config, models, args.max_tokens))
+    rows.extend(dspark_rows(args, models))
     rows.append(engine_row("engine_ngram", engine_config_from_args(args, drafter="ngram"), models, args.max_tokens))
     return rows
 
 
 def run_row(row: Row, prompts: list[list[int]], stats: RowStats, meters: dict[str, ForwardMeter]) -> list[list[int]]:
-    for meter in meters.values():
+    for meter in [*meters.values(), *([row.draft_meter] if row.draft_meter else [])]:
         meter.reset()
     outputs, seq_stats = [], []
     start = time.perf_counter()
@@ -107,7 +131,8 @@ def run_row(row: Row, prompts: list[list[int]], stats: RowStats, meters: dict[st
     stats.num_tokens = sum(len(tokens) for tokens in outputs)
     stats.target_forwards = meters["target"].calls
     stats.target_seconds = meters["target"].seconds
-    stats.draft_seconds = meters["draft"].seconds if "draft" in meters else 0.0
+    draft_meter = row.draft_meter or meters.get("draft")
+    stats.draft_seconds = draft_meter.seconds if draft_meter is not None else 0.0
     stats.num_steps = sum(s.num_steps for s in seq_stats if s is not None)
     stats.num_accepted_tokens = sum(s.num_accepted_tokens for s in seq_stats if s is not None)
     return outputs
@@ -116,7 +141,8 @@ def run_row(row: Row, prompts: list[list[int]], stats: RowStats, meters: dict[st
 def benchmark(args: argparse.Namespace) -> list[RowStats]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = load_models(engine_config_from_args(args))
+    models = load_models(engine_config_from_args(args, drafter="model", draft=draft_lm_dir(args))
+                         if args.drafter in ("model", "dspark") else engine_config_from_args(args))
     prompts = load_prompt_ids(args.prompts, models, args.num_prompts)
     rows = build_rows(args, models)
     meters = {"target": ForwardMeter(models.target)}
@@ -134,6 +160,13 @@ def benchmark(args: argparse.Namespace) -> list[RowStats]:
             previous = results[row.name].identical_to_hf_greedy
             results[row.name].identical_to_hf_greedy = same if previous is None else previous and same
     return list(results.values())
+
+
+def draft_lm_dir(args: argparse.Namespace) -> Path:
+    """The draft LM of the draft-LM rows (`--draft` names the DSpark drafter under --drafter dspark)."""
+    if args.draft_lm is not None:
+        return args.draft_lm
+    return args.draft if args.drafter == "model" and args.draft is not None else DEFAULT_DRAFT_DIR
 
 
 def load_prompt_ids(path: Path, models: LoadedModels, limit: int) -> list[list[int]]:
@@ -192,6 +225,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_offline.json"), help="JSON results")
     parser.add_argument("--plot", type=Path, default=None, help="optional PNG bar chart")
+    parser.add_argument("--draft-lm", type=Path, default=None,
+                        help="draft LM of the draft-LM rows (default: --draft under --drafter model, else the bundled one)")
+    parser.add_argument("--dspark-parallel-only", type=Path, default=DEFAULT_DSPARK_PARALLEL_ONLY_DIR,
+                        help="DSpark parallel-only ablation directory (row engine_dspark_parallel_only if present)")
     parser.set_defaults(func=run)
 
 

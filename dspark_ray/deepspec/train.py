@@ -77,7 +77,7 @@ def dspark_step(model, source: TargetSource, batch: SequenceBatch, num_anchors: 
     context_kv = model.context_kv(states.features, slots.expand(rows, width))  # [B, T, layers, 2, D]
     context_mask = (slots < blocks.anchors[:, :, None]) & (slots < batch.lengths[:, None, None])  # [B, A, T]
     anchor_ids = batch.input_ids.gather(1, blocks.anchors)
-    output = model.block(anchor_ids, blocks.anchors, context_kv, context_mask)
+    output = model(anchor_ids, blocks.anchors, context_kv, context_mask)
     draft_logits, confidence_logits = model.teacher_forced(output, blocks.prev_ids)  # [B, A, K, V], [B, A, K]
     final = states.final_hidden.gather(1, blocks.positions.flatten(1)[..., None].expand(-1, -1, states.final_hidden.shape[-1]))
     target_logits = source.target_pass.logits(final).view(*blocks.positions.shape, -1)  # [B, A, K, V]
@@ -150,6 +150,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="stop once this many steps are done (checkpointed), e.g. to train in time slices")
     parser.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the saved weights (bfloat16 halves the size)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -277,9 +279,13 @@ def train(args: argparse.Namespace) -> TrainOutcome:
                  "acceptance_rate_per_position": [round(x, 4) for x in terms.acceptance_rate]}
         bar.set_postfix(loss=f"{terms.total.item():.3f}", acc_len=f"{terms.acceptance_length:.2f}",
                         tok_s=f"{rate:.0f}", refresh=False)
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+        stopping = args.stop_after is not None and step + 1 >= args.stop_after
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps or stopping:
             save_checkpoint(checkpoint, model, optimizer, step + 1, generator, sampler,
                             elapsed + time.perf_counter() - started)
+        if stopping and step + 1 < args.steps:
+            bar.close()
+            return TrainOutcome(step + 1, elapsed + time.perf_counter() - started, final, len(records), 0)
     elapsed += time.perf_counter() - started
     model.eval()
     num_tokens = sum(len(record.token_ids) for record in records)
@@ -288,12 +294,21 @@ def train(args: argparse.Namespace) -> TrainOutcome:
     return outcome
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The full command (every option, defaults included) that reproduces this run."""
+    parts = ["dspark-ray", "deepspec", "train"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "deepspec_command", "resume", "stop_after") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(part) for part in parts)
+
+
 def save_output(args: argparse.Namespace, model, target, outcome: TrainOutcome) -> None:
     from dspark_ray.deepspec.model_card import training_card
 
-    command = "dspark-ray deepspec " + " ".join(shlex.quote(part) for part in sys.argv[2:]) \
-        if len(sys.argv) > 2 and sys.argv[1] == "deepspec" else "(called from Python)"
-    card = training_card(args, model, outcome, command)
+    card = training_card(args, model, outcome, command_line(args))
     dtype = torch.bfloat16 if args.storage_dtype == "bfloat16" else torch.float32
     if args.draft_lm:
         from dspark_ray.engine.loading import load_tokenizer
@@ -316,6 +331,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"dspark-ray deepspec train: error: {error}", file=sys.stderr)
         return 2
+    if outcome.steps < args.steps:
+        print(f"stopped after {outcome.steps} of {args.steps} steps; continue with --resume")
+        return 0
     print(f"trained {outcome.steps} steps in {outcome.elapsed_s:.0f} s -> {args.out}")
     print({key: value for key, value in asdict(outcome).items() if key != "final"} | outcome.final)
     return 0

@@ -97,7 +97,7 @@ class DSparkModel(nn.Module):
         context = self.context_norm(self.context_proj(features.to(self.mask_embedding.dtype)))
         return torch.stack([layer.context_keys_values(context, positions) for layer in self.layers], dim=-3)
 
-    def block(
+    def forward(
         self,
         anchor_ids: torch.Tensor,  # [B, A] last committed token of each block
         anchor_positions: torch.Tensor,  # [B, A] its position in the sequence

@@ -81,7 +81,7 @@ class DSparkDrafter:
         context_kv, valid = self.cache.batch([seq.seq_id for seq in seqs])  # [b, S, layers, 2, D], [b, S]
         anchors = torch.tensor([seq.token_ids[-1] for seq in seqs], device=device)  # [b]
         anchor_positions = torch.tensor([seq.num_tokens - 1 for seq in seqs], device=device)  # [b]
-        block = self.model.block(anchors[:, None], anchor_positions[:, None], context_kv, valid[:, None])
+        block = self.model(anchors[:, None], anchor_positions[:, None], context_kv, valid[:, None])
         hidden, base_logits = block.hidden[:, 0], block.base_logits[:, 0]  # [b, K, D], [b, K, V]
 
         sampling = SamplingTensors.from_params([seq.request.sampling for seq in seqs])
