@@ -16,11 +16,8 @@ from ray import serve
 from ray.serve import Application
 
 from dspark_ray.serving.config import AppConfig
-from dspark_ray.serving.router import Router
+from dspark_ray.serving.router import MODEL_SERVER_DEPLOYMENT, ROUTER_DEPLOYMENT, Router
 from dspark_ray.serving.served_model import ServedModel
-
-ROUTER_DEPLOYMENT = "Router"
-MODEL_SERVER_DEPLOYMENT = "ModelServer"
 # /health, /metrics and /v1/models calls on top of the generation requests a router may hold.
 ROUTER_EXTRA_ONGOING = 32
 
@@ -57,9 +54,11 @@ def model_server_options(config: AppConfig) -> dict[str, Any]:
 
 
 def router_options(config: AppConfig) -> dict[str, Any]:
-    per_router = (config.max_ongoing_requests * config.autoscaling.max_replicas + config.max_queued_requests)
+    # The router admits up to this many generations itself (see Router.admission_limit); Serve's own
+    # limit only has to leave room for them and for /health, /metrics and /v1/models.
+    admitted = config.max_ongoing_requests * config.autoscaling.max_replicas + config.max_queued_requests
     return {
         "num_replicas": config.router_replicas,
-        "max_ongoing_requests": per_router + ROUTER_EXTRA_ONGOING,
+        "max_ongoing_requests": admitted + ROUTER_EXTRA_ONGOING,
         "ray_actor_options": {"num_cpus": config.router_num_cpus},
     }

@@ -100,7 +100,10 @@ class AppConfig(FrozenModel):
         64, ge=1, description="Requests one model-server replica holds at once (decoding or waiting in its engine)."
     )
     max_queued_requests: int = Field(
-        64, ge=1, description="Requests a router replica queues when every model server is full; beyond: rejected."
+        64, ge=1, description=(
+            "Requests a router replica lets wait on top of what the model servers hold "
+            "(max_ongoing_requests x autoscaling.max_replicas); beyond that it answers over capacity."
+        ),
     )
     over_capacity_status: Literal[429, 503] = Field(429, description="HTTP status of a request rejected as over capacity.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with over-capacity rejections.")

@@ -85,7 +85,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-TokenId = Annotated[StrictInt, Field(ge=0)]
+TokenId = StrictInt  # checked against the vocabularies by the model server (negatives too)
 Probability = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
 
 
@@ -169,7 +169,7 @@ def _validation_error(error: ValidationError) -> ApiError:
     if kind == "extra_forbidden":
         return ApiError(400, "unknown_parameter", f"unrecognized request argument supplied: '{param}'", param)
     if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
-                "value_error"}:
+                "value_error", "literal_error", "enum"}:
         return ApiError(400, "invalid_value", f"invalid value for '{param}': {first['msg']}", param)
     return ApiError(400, "invalid_type", f"invalid type for '{param}': {first['msg']}", param)
 

@@ -30,6 +30,8 @@ from dspark_ray.serving.openai_api import (SSE_DONE, ApiError, ChatCompletionBod
                                            completion_request, completion_response, parse_body, sse, usage_chunk)
 from dspark_ray.serving.protocol import CompletionDelta
 
+ROUTER_DEPLOYMENT = "Router"
+MODEL_SERVER_DEPLOYMENT = "ModelServer"
 HEALTH_TIMEOUT_S = 10.0
 
 
@@ -38,10 +40,19 @@ class Router:
         """`model`: a DeploymentHandle to the `ServedModel` deployment (or a test double)."""
         self.config = config
         self.model = model
+        # One streaming handle for all requests: each `.options()` call makes a handle with its own
+        # request router, and Serve's max_ongoing_requests is only kept by requests sharing one.
+        self._stream = model.options(stream=True)
         self.metrics = RouterMetrics(config.model_name)
         self._tenants = {t.api_key.get_secret_value(): t for t in config.tenants}
         self._tenant_ongoing: Counter[str] = Counter()
         self._model_info = None
+        # Admission control is ours, not Serve's max_queued_requests: Serve counts a request as queued
+        # only while it picks a replica, not while a full replica's rejection is on its way back, so
+        # its limit lets bursts through. Beyond this many requests in flight, answer over capacity.
+        self.admission_limit = (config.max_ongoing_requests * config.autoscaling.max_replicas
+                                + config.max_queued_requests)
+        self.num_in_flight = 0
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self)
@@ -78,11 +89,15 @@ class Router:
         """
         arrival = time.perf_counter()
         deadline = arrival + self.config.request_timeout_s if self.config.request_timeout_s else None
+        if self.num_in_flight >= self.admission_limit:
+            self.metrics.observe_error("over_capacity")
+            raise self._over_capacity()
         self._acquire_quota(tenant)
+        self.num_in_flight += 1
         self.metrics.num_requests_running.labels(self.config.model_name).inc()
         stream, finished = None, False
         try:
-            stream = self.model.options(stream=True).generate.remote(request)
+            stream = self._stream.generate.remote(request)
             last_token_at = None
             while not finished:
                 item = await self._next(stream, deadline)
@@ -107,6 +122,7 @@ class Router:
             self.metrics.observe_error(error.code)
             raise
         finally:
+            self.num_in_flight -= 1
             self.metrics.num_requests_running.labels(self.config.model_name).dec()
             self._release_quota(tenant)
             if stream is not None and not finished:
@@ -162,10 +178,16 @@ class Router:
 
     async def healthy(self) -> bool:
         try:
-            await asyncio.wait_for(self.model.num_active.remote(), HEALTH_TIMEOUT_S)
-        except Exception:  # any failure to reach a model server means not ready
+            return await asyncio.wait_for(asyncio.to_thread(self._model_server_healthy), HEALTH_TIMEOUT_S)
+        except Exception:  # no answer about the model server means not ready
             return False
-        return True
+
+    def _model_server_healthy(self) -> bool:
+        """Asks Serve's controller, not the model server: a full model server still answers healthy."""
+        from ray import serve
+
+        app = serve.status().applications[serve.get_replica_context().app_name]
+        return app.deployments[MODEL_SERVER_DEPLOYMENT].status == "HEALTHY"
 
 
 # ---- HTTP ----------------------------------------------------------------------------------
