@@ -32,6 +32,16 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 9, 10], [20, 21], [30, 31, 32, 33, 
 MAX_TOKENS = 20
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """A hung worker must fail its test, not stall the session (needs pytest-timeout)."""
+    if not config.pluginmanager.hasplugin("timeout"):
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(300))
+
+
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     import ray
@@ -71,6 +81,28 @@ def local_outputs() -> Callable[[EngineConfig, list[GenerationRequest]], list[li
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def distributed_engines(ray_session, tiny) -> Iterator[Callable[..., tuple]]:
+    """distributed_engines(arch, drafter, **placement) -> (engine, decode, config), each built once per
+    session (worker start-up dominates these tests) and shut down at its end."""
+    from dspark_ray.serving.distributed import WorkerPlacement, build_distributed_engine
+
+    built: dict[tuple, tuple] = {}
+
+    def get(arch: str, drafter: str, **placement) -> tuple:
+        key = (arch, drafter, tuple(sorted(placement.items())))
+        if key not in built:
+            config = engine_config(tiny(arch), drafter)
+            settings = {"startup_timeout_s": 180, "target_timeout_s": 30, "draft_timeout_s": 10, **placement}
+            engine, decode = build_distributed_engine(config, WorkerPlacement(**settings))
+            built[key] = (engine, decode, config)
+        return built[key]
+
+    yield get
+    for engine, _, _ in built.values():
+        engine.shutdown()
 
 
 def engine_config(models: TinyModels, drafter: str, **overrides) -> EngineConfig:

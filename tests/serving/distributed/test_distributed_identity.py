@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import PROMPTS, engine_config, greedy_requests, outputs
+from conftest import PROMPTS, greedy_requests, outputs
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.sequence import GenerationRequest
-from dspark_ray.serving.distributed import WorkerPlacement, build_distributed_engine
 
 
 @dataclass(frozen=True)
@@ -39,12 +38,9 @@ def case(request) -> Case:
 
 
 @pytest.fixture(scope="module")
-def distributed(ray_session, tiny, case: Case):
-    config = engine_config(tiny(case.arch), case.drafter)
-    placement = WorkerPlacement(tp=case.tp, tp_sharding=case.tp_sharding, startup_timeout_s=180)
-    engine, decode = build_distributed_engine(config, placement)
-    yield engine, config
-    engine.shutdown()
+def distributed(distributed_engines, case: Case):
+    engine, _, config = distributed_engines(case.arch, case.drafter, tp=case.tp, tp_sharding=case.tp_sharding)
+    return engine, config
 
 
 def test_greedy_output_is_the_in_process_engines(distributed, local_outputs) -> None:

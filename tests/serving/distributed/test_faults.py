@@ -1,0 +1,117 @@
+"""Worker faults: a dead draft worker costs speed, never output; a dead target rank fails the
+affected requests with an error, and the replica recovers; client aborts leak no sequences."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import ray
+
+from conftest import PROMPTS, greedy_requests, outputs
+from dspark_ray.engine.sequence import GenerationRequest
+from dspark_ray.serving.model_server import ModelServer
+from dspark_ray.serving.protocol import CompletionRequest
+from dspark_ray.serving.wire import worker_pb2 as pb
+
+@pytest.fixture
+def tp1(distributed_engines):
+    return distributed_engines("llama", "model", tp=1, tp_sharding="auto")
+
+
+@pytest.fixture
+def tp2(distributed_engines):
+    return distributed_engines("qwen3_moe", "model", tp=2, tp_sharding="auto")
+
+
+def _target_only(config):
+    return config.model_copy(update={"drafter": "none"})
+
+
+def _wait_until(condition, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_draft_worker_changes_nothing_and_comes_back(tp1, local_outputs) -> None:
+    engine, _, config = tp1
+    requests = greedy_requests(max_tokens=40)
+    expected = local_outputs(_target_only(config), requests)
+    seqs = [engine.add_request(request) for request in requests]
+    for _ in range(3):
+        engine.step()
+    assert sum(seq.stats.num_draft_tokens for seq in seqs) > 0
+    restarts = engine.draft.num_restarts
+    ray.kill(engine.draft.actors[0])
+    drafted_before = sum(seq.stats.num_draft_tokens for seq in seqs)
+    while engine.has_unfinished():
+        engine.step()
+    assert outputs(seqs) == expected  # target-only output, token for token
+    _wait_until(lambda: engine.draft.num_restarts == restarts + 1 and engine.draft.current() is not None)
+    again = engine.generate(requests)
+    assert outputs(again) == expected
+    assert sum(seq.stats.num_draft_tokens for seq in again) > 0  # speculating again
+    assert drafted_before > 0
+
+
+def test_client_aborts_free_every_sequence(tp1) -> None:
+    engine, decode, _ = tp1
+
+    async def scenario() -> None:
+        server = ModelServer(engine, decode, "tiny")
+        try:
+            streams = [server.generate(CompletionRequest(f"r{i}", prompt, max_tokens=200))
+                       for i, prompt in enumerate(PROMPTS)]
+            for stream in streams:
+                await stream.__anext__()  # the request is running
+            assert server.num_active == len(PROMPTS)
+            for stream in streams:
+                await stream.aclose()  # the client went away
+            for _ in range(200):
+                if server.num_active == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.num_active == 0
+        finally:
+            server.shutdown()
+
+    asyncio.run(scenario())
+    assert not engine.has_unfinished()
+    for handle in (engine.target, engine.draft):
+        stub, _ = handle.current()
+        assert stub.Health(pb.HealthRequest(), timeout=10).num_sequences == 0
+
+
+@pytest.mark.slow
+def test_killed_target_rank_fails_its_requests_and_the_replica_recovers(tp2, local_outputs) -> None:
+    engine, decode, config = tp2
+
+    async def collect(server: ModelServer, request: CompletionRequest):
+        return [delta async for delta in server.generate(request)]
+
+    async def scenario():
+        server = ModelServer(engine, decode, "tiny")
+        try:
+            tasks = [asyncio.create_task(collect(server, CompletionRequest(f"r{i}", prompt, max_tokens=200)))
+                     for i, prompt in enumerate(PROMPTS)]
+            while sum(seq.num_tokens for seq in engine.running) < 5 * len(PROMPTS) * 2:
+                await asyncio.sleep(0.02)
+            ray.kill(engine.target.actors[1])  # a follower rank: rank 0's collectives fail
+            failed = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+            after = await asyncio.wait_for(collect(server, CompletionRequest("after", PROMPTS[0], max_tokens=20)),
+                                           timeout=300)
+            return failed, after
+        finally:
+            server.shutdown()
+
+    failed, after = asyncio.run(scenario())
+    for deltas in failed:
+        assert deltas[-1].finish_reason == "error" and "target" in deltas[-1].error
+    assert after[-1].finish_reason == "length"
+    expected = local_outputs(_target_only(config), [GenerationRequest(PROMPTS[0], max_tokens=20)])[0]
+    assert [token for delta in after for token in delta.token_ids] == expected
+    assert engine.target.num_restarts == 1
