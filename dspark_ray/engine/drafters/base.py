@@ -28,7 +28,9 @@ class DraftProposal:
         """The proposal of `rows` only, in that order."""
         index = torch.tensor(rows, dtype=torch.long)
         draft_probs = None if self.draft_probs is None else self.draft_probs[index]
-        return DraftProposal(self.draft_token_ids[index], self.num_draft_tokens[index], draft_probs)
+        confidence_logits = None if self.confidence_logits is None else self.confidence_logits[index]
+        return DraftProposal(self.draft_token_ids[index], self.num_draft_tokens[index], draft_probs,
+                             confidence_logits)
 
     @classmethod
     def empty(cls, batch_size: int) -> "DraftProposal":
