@@ -67,10 +67,13 @@ def _start(router: Router, message: pb.GenerateRequest, grpc_context) -> AsyncIt
     return router.generate(request, tenant)
 
 
-def _set_error(grpc_context, error: ApiError) -> None:
+def _fail(grpc_context, error: ApiError) -> None:
+    """Set the status and raise: Serve keeps a status set before an exception, also in a stream
+    that has sent nothing (a status set without raising travels only with a message)."""
     if grpc_context is not None:
         grpc_context.set_code(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL))
         grpc_context.set_details(f"{error.code}: {error.message}")
+    raise error
 
 
 def _response(delta: CompletionDelta) -> pb.GenerateResponse:
@@ -106,8 +109,7 @@ async def generate(router: Router, message: pb.GenerateRequest, grpc_context) ->
         finally:
             await deltas.aclose()
     except ApiError as error:
-        _set_error(grpc_context, error)
-        return pb.GenerateResponse()
+        _fail(grpc_context, error)
     return whole
 
 
@@ -121,4 +123,4 @@ async def generate_stream(router: Router, message: pb.GenerateRequest, grpc_cont
         finally:
             await deltas.aclose()
     except ApiError as error:
-        _set_error(grpc_context, error)
+        _fail(grpc_context, error)

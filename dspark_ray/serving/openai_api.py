@@ -35,6 +35,9 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.param = status, code, message, param
         self.headers = headers or {}
 
+    def __reduce__(self):  # crosses Ray processes (Serve's gRPC error path pickles it)
+        return ApiError, (self.status, self.code, self.message, self.param, self.headers)
+
     @property
     def error_type(self) -> str:
         return ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")

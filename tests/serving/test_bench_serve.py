@@ -1,0 +1,49 @@
+"""`dspark-ray bench serve` against the session's Serve app, and its report arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dspark_ray.bench.serve import RequestResult, bench, check_local, compare, level_report
+from dspark_ray.cli import main
+
+
+def test_bench_against_a_live_server(served_app, tmp_path, capsys) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["def f(x):", "class A:"]) + "\n")
+    out = tmp_path / "result.json"
+    status = main(["bench", "serve", "--url", served_app.base_url, "--concurrency", "1,2", "--num-requests", "4",
+                   "--max-tokens", "8", "--ignore-eos", "--prompts", str(prompts), "--json", str(out)])
+    assert status == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == served_app.config.model_name
+    assert [level["concurrency"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        assert level["num_errors"] == 0 and level["num_requests"] == 4
+        assert level["num_output_tokens"] == 4 * 8
+        assert level["output_tokens_per_s"] > 0 and level["request_throughput"] > 0
+        assert level["ttft_ms"]["p50"] > 0 and level["tpot_ms"]["mean"] > 0 and level["itl_ms"]["p99"] > 0
+        assert level["mean_acceptance_length"] >= 1.0
+
+
+def test_only_this_machine_is_loaded() -> None:
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        check_local("http://example.com:8000/v1")
+    with pytest.raises(ValueError):
+        bench("http://10.0.0.5:8000/v1", ["x"], [1], 1, 4, 0.0, False, model="m")
+    check_local("http://localhost:8000/v1")
+
+
+def test_report_and_comparison() -> None:
+    fast = [RequestResult(True, num_output_tokens=10, ttft_s=0.1, e2e_s=1.0, itl_s=[0.1] * 9, num_steps=5,
+                          num_accepted_tokens=5) for _ in range(4)]
+    report = level_report(4, fast + [RequestResult(False, error="429 over_capacity")], duration_s=2.0)
+    assert report["request_throughput"] == 2.0 and report["output_tokens_per_s"] == 20.0
+    assert report["num_errors"] == 1 and report["errors"] == ["429 over_capacity"]
+    assert report["tpot_ms"]["mean"] == pytest.approx(100.0) and report["mean_acceptance_length"] == 2.0
+    target_only = {"url": "a", "label": "target_only", "levels": [{**report, "output_tokens_per_s": 10.0}]}
+    speculative = {"url": "b", "label": "speculative", "levels": [report]}
+    table = compare(target_only, speculative)
+    assert "2.00x" in table and "speculative" in table

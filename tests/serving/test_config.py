@@ -1,0 +1,124 @@
+"""Serving configuration: one Serve config file format for `dspark-ray serve`, `serve deploy` and
+KubeRay; deployment options derived from it; the CLI flags. No Ray cluster needed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from dspark_ray.cli import build_parser
+from dspark_ray.serving.app import build_app, model_server_options, router_options
+from dspark_ray.serving.config import GRPC_SERVICER_FUNCTION, IMPORT_PATH, AppConfig, ServeConfig
+from dspark_ray.serving.serve_cli import serve_config_from_args
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def rayservice() -> dict:
+    return yaml.safe_load((DEPLOY / "rayservice.yaml").read_text())
+
+
+def test_serve_config_file_reads_with_bundled_defaults() -> None:
+    config = ServeConfig.from_file(DEPLOY / "serve_config.yaml")
+    assert config.base_url == "http://127.0.0.1:8000/v1" and config.grpc_port == 9000
+    assert config.app.engine.device == "cpu" and config.app.workers.mode == "local"
+    assert config.app.engine.target.name == "target"  # the bundled model directory
+    assert config.proxy_request_timeout_s >= config.app.request_timeout_s
+
+
+def test_rayservice_embeds_a_serve_config_for_tensor_parallel_workers() -> None:
+    manifest = rayservice()
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    config = ServeConfig.from_serve_dict(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    workers = config.app.workers
+    assert workers.mode == "distributed" and workers.tensor_parallel_size == 2
+    groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    gpus_per_target_pod = int(groups["target-tp2"]["rayStartParams"]["num-gpus"])
+    assert gpus_per_target_pod >= workers.tensor_parallel_size * workers.target_rank_resources["GPU"]
+    assert "dspark_draft" in groups["draft"]["rayStartParams"]["resources"]
+    assert set(workers.draft_resources) == {"GPU", "dspark_draft"}
+    assert config.http_host == "0.0.0.0"
+
+
+def test_both_files_configure_the_same_app_fields() -> None:
+    local = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())["applications"][0]["args"]
+    cluster = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert set(local) == set(cluster)
+
+
+def test_round_trip_through_a_serve_config() -> None:
+    config = ServeConfig(http_port=8123, app=AppConfig(model_name="m", tenants=[{"name": "a", "api_key": "k" * 12}]))
+    raw = config.to_serve_dict()
+    assert raw["applications"][0]["import_path"] == IMPORT_PATH
+    assert raw["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER_FUNCTION]
+    assert ServeConfig.from_serve_dict(raw) == config
+
+
+def test_unknown_app_args_are_rejected() -> None:
+    raw = ServeConfig().to_serve_dict()
+    raw["applications"][0]["args"] = {"enigne": {"drafter": "none"}}
+    with pytest.raises(ValidationError, match="enigne"):
+        ServeConfig.from_serve_dict(raw)
+
+
+@pytest.mark.parametrize("args", [
+    {"max_ongoing_requests": 0},
+    {"autoscaling": {"min_replicas": 3, "max_replicas": 2}},
+    {"workers": {"tensor_parallel_size": 2}},  # TP runs on worker actors
+    {"tenants": [{"name": "a", "api_key": "same-key-1"}, {"name": "b", "api_key": "same-key-1"}]},
+    {"over_capacity_status": 500},
+])
+def test_invalid_app_configs(args: dict) -> None:
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate(args)
+
+
+def test_proxy_timeout_must_not_undercut_the_app_deadline() -> None:
+    with pytest.raises(ValidationError, match="request_timeout_s"):
+        ServeConfig(proxy_request_timeout_s=10, app=AppConfig(request_timeout_s=60))
+
+
+def test_deployment_options() -> None:
+    local = AppConfig(max_ongoing_requests=8, max_queued_requests=4)
+    assert model_server_options(local)["num_replicas"] == 1
+    assert "placement_group_bundles" not in model_server_options(local)
+    assert router_options(local)["max_ongoing_requests"] >= 8 + 4
+    scaled = AppConfig(autoscaling={"min_replicas": 1, "max_replicas": 3})
+    assert model_server_options(scaled)["autoscaling_config"]["max_replicas"] == 3
+    distributed = AppConfig(workers={"mode": "distributed", "tensor_parallel_size": 2,
+                                     "target_rank_resources": {"GPU": 1}, "draft_resources": {"CPU": 1}})
+    options = model_server_options(distributed)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}, {"CPU": 1.0}]
+    target_only = distributed.model_copy(update={"engine": distributed.engine.model_copy(update={"drafter": "none"})})
+    assert len(model_server_options(target_only)["placement_group_bundles"]) == 3
+
+
+def test_build_app_binds_router_to_model_server() -> None:
+    app = build_app({"model_name": "m"})
+    router = app._bound_deployment
+    assert router.name == "Router"
+    model_server = router.init_args[0]._bound_deployment
+    assert model_server.name == "ModelServer"
+    assert model_server.init_args[0].model_name == "m"
+
+
+def _serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_serve_flags() -> None:
+    config = serve_config_from_args(_serve_args())
+    assert config.base_url == "http://127.0.0.1:8000/v1" and config.app.workers.mode == "local"
+    config = serve_config_from_args(_serve_args("--tp", "2", "--drafter", "ngram", "--port", "8100",
+                                                "--grpc-port", "0"))
+    assert config.app.workers.mode == "distributed" and config.app.workers.tensor_parallel_size == 2
+    assert config.app.engine.drafter == "ngram" and config.http_port == 8100 and config.grpc_port is None
+
+
+def test_serve_config_file_with_port_override() -> None:
+    config = serve_config_from_args(_serve_args("--config", str(DEPLOY / "serve_config.yaml"), "--port", "8200"))
+    assert config.http_port == 8200 and config.app.model_name == "dspark-reference"

@@ -1,0 +1,171 @@
+"""The router's HTTP behaviour with a scripted model server (no Ray): deadlines, worker errors,
+over capacity, and the cancellation of the model-server stream when a request ends early."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from dspark_ray.serving.config import AppConfig
+from dspark_ray.serving.openai_api import RequestRejected
+from dspark_ray.serving.protocol import CompletionDelta, SpeculativeStats
+from dspark_ray.serving.router import Router, build_http_app
+
+MODEL = "dspark-reference"
+
+
+def token(i: int, finish: str | None = None) -> CompletionDelta:
+    stats = SpeculativeStats(2, 4, 2, [2]) if finish else None
+    return CompletionDelta("r", [i], f"t{i}", 3, i + 1, finish_reason=finish, stats=stats)
+
+
+class ScriptedStream:
+    """What `handle.options(stream=True).generate.remote(...)` returns: items, pauses and errors."""
+
+    def __init__(self, script: list) -> None:
+        self.script, self.cancelled = list(script), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.script:
+            raise StopAsyncIteration
+        item = self.script.pop(0)
+        if isinstance(item, float):  # a pause, then the next item
+            await asyncio.sleep(item)
+            return await self.__anext__()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ScriptedModel:
+    def __init__(self, script: list) -> None:
+        self.script, self.streams = script, []
+        self.generate = self
+
+    def options(self, stream: bool = False) -> "ScriptedModel":
+        return self
+
+    def remote(self, request) -> ScriptedStream:
+        self.streams.append(ScriptedStream(self.script))
+        return self.streams[-1]
+
+
+class HealthyRouter(Router):
+    def _model_server_healthy(self) -> bool:
+        return True
+
+
+def client_for(script: list, **config) -> tuple[TestClient, ScriptedModel, Router]:
+    model = ScriptedModel(script)
+    router = HealthyRouter(model, AppConfig(**{"retry_after_s": 3, **config}))
+    return TestClient(build_http_app(router)), model, router
+
+
+def post(client: TestClient, **fields):
+    return client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4, **fields})
+
+
+def sse_events(response) -> list:
+    return [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+def test_completion_and_stream_from_deltas() -> None:
+    client, model, _ = client_for([token(0), token(1), token(2, "length")])
+    body = post(client, return_token_ids=True).json()
+    assert body["choices"][0]["text"] == "t0t1t2" and body["choices"][0]["token_ids"] == [0, 1, 2]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["dspark"]["num_steps"] == 2 and body["dspark"]["mean_acceptance_length"] == 2.0
+    events = sse_events(post(client, stream=True, stream_options={"include_usage": True}))
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 3
+    assert not any(s.cancelled for s in model.streams)  # finished streams are not cancelled
+
+
+def test_deadline_before_first_token_is_504_and_cancels() -> None:
+    client, model, router = client_for([5.0, token(0, "length")], request_timeout_s=0.2)
+    response = post(client)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "request_timeout"
+    assert model.streams[0].cancelled and router.num_in_flight == 0
+
+
+def test_deadline_mid_stream_is_an_error_event_then_done() -> None:
+    client, model, _ = client_for([token(0), 5.0, token(1, "length")], request_timeout_s=0.3)
+    response = post(client, stream=True)
+    assert response.status_code == 200
+    events = sse_events(response)
+    assert json.loads(events[0])["choices"][0]["text"] == "t0"
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout"
+    assert events[-1] == "[DONE]" and model.streams[0].cancelled
+
+
+def test_worker_error_is_503_with_retry_after() -> None:
+    failed = CompletionDelta("r", [], "", 3, 0, finish_reason="error", error="target rank 1 died")
+    client, _, _ = client_for([failed])
+    response = post(client)
+    assert response.status_code == 503 and response.headers["retry-after"] == "3"
+    assert response.json()["error"]["code"] == "worker_error"
+    assert "target rank 1 died" in response.json()["error"]["message"]
+
+
+def test_worker_error_mid_stream_is_an_error_event_then_done() -> None:
+    failed = CompletionDelta("r", [], "", 3, 1, finish_reason="error", error="target rank 1 died")
+    client, _, _ = client_for([token(0), failed])
+    events = sse_events(post(client, stream=True))
+    assert json.loads(events[-2])["error"]["code"] == "worker_error" and events[-1] == "[DONE]"
+
+
+def test_stream_ending_without_finish_is_503() -> None:
+    client, _, _ = client_for([token(0)])
+    assert post(client).json()["error"]["code"] == "worker_error"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_serve_backpressure_is_over_capacity(status: int) -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    client, _, _ = client_for([BackPressureError(num_queued_requests=1, max_queued_requests=1)],
+                              over_capacity_status=status)
+    response = post(client)
+    assert response.status_code == status and response.headers["retry-after"] == "3"
+    assert response.json()["error"]["code"] == "over_capacity"
+
+
+def test_dead_model_server_is_503() -> None:
+    from ray.exceptions import RayActorError
+
+    client, _, _ = client_for([RayActorError()])
+    response = post(client)
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+
+
+def test_admission_limit_is_over_capacity() -> None:
+    client, model, router = client_for([token(0, "length")], max_ongoing_requests=2, max_queued_requests=1)
+    assert router.admission_limit == 3
+    router.num_in_flight = 3
+    response = post(client)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "over_capacity"
+    assert not model.streams  # never reached the model server
+
+
+def test_rejected_prompt_keeps_its_status() -> None:
+    client, _, _ = client_for([RequestRejected(400, "context_length_exceeded", "too long", "prompt")])
+    response = post(client)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_health_and_metrics() -> None:
+    client, _, _ = client_for([token(0, "stop")])
+    assert client.get("/health").json() == {"status": "ok"}
+    post(client)
+    page = client.get("/metrics").text
+    assert f'dspark_request_success_total{{finished_reason="stop",model_name="{MODEL}"}} 1.0' in page
+    assert f'dspark_spec_decode_num_accepted_tokens_per_pos_total{{model_name="{MODEL}",position="0"}} 2.0' in page
