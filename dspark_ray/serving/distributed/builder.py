@@ -103,7 +103,7 @@ def build_distributed_engine(engine_config: EngineConfig, placement: WorkerPlace
                                                                       placement.inline_sync)
     engine = DistributedEngine(verifier, drafter, coordinator_stop_rules(engine_config, decode),
                                engine_config.num_speculative_tokens, engine_config.max_batch_size,
-                               pipelined=placement.pipelined, group=group, target=target, draft=draft, meter=meter,
+                               pipelining=placement.pipelining, group=group, target=target, draft=draft, meter=meter,
                                rpc_timeout_s=placement.target_timeout_s)
     return engine, decode
 

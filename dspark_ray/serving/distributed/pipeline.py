@@ -2,7 +2,7 @@
 
 `PipelinedEngine` is the `SpeculativeEngine` with another step strategy; it reuses the engine's
 public phases (admit, propose, commit, retire), so the commit, stop and lossless logic is the
-engine's own. Running sequences alternate between two micro-batches. One step:
+engine's own. Running sequences alternate between two micro-batches. One pipelined step:
 
     1. admit waiting requests (target prefill; they join the next proposal);
     2. on a thread, propose for the micro-batch that is not waiting for verification, while
@@ -10,18 +10,27 @@ engine's own. Running sequences alternate between two micro-batches. One step:
     4. join, commit what the target kept, retire finished sequences.
 
 Each sequence still alternates propose -> verify -> commit, with the same draft budgets and the
-same per-sequence order of random draws as the unpipelined engine; only the batching differs. The
-two calls overlap only if the verifier and drafter are remote (or otherwise release the GIL).
+same per-sequence order of random draws as the unpipelined engine; only the batching differs.
+
+Overlap pays when drafting and verifying run on separate hardware and their cost grows with the
+batch; it loses when both share a few CPU cores or each call costs the same at any batch size
+(a half batch then costs as much as a whole one). Mode "auto" therefore times both strategies on
+live traffic (`PipeliningChooser`) and keeps the faster; "on" and "off" force one.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 from dspark_ray.engine.drafters.base import DraftProposal
 from dspark_ray.engine.engine import SpeculativeEngine
 from dspark_ray.engine.sequence import Sequence
+
+Pipelining = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -30,16 +39,69 @@ class MicroBatch:
     proposal: DraftProposal  # rows in the order of seqs
 
 
+class PipeliningChooser:
+    """Explore both strategies for `window` steps each, then exploit the one that committed more
+    tokens per second for `exploit_windows` windows, then explore again (traffic changes)."""
+
+    def __init__(self, window: int = 8, exploit_windows: int = 16) -> None:
+        self.window = window
+        self.exploit_windows = exploit_windows
+        self.rates: dict[bool, float] = {}  # tokens/s of the last exploration, by pipelined
+        self._plan: deque[bool] = deque()
+        self._exploring = False
+        self._totals = {True: [0, 0.0], False: [0, 0.0]}  # tokens, seconds while exploring
+
+    def next_mode(self) -> bool:
+        if not self._plan:
+            self._replan()
+        return self._plan.popleft()
+
+    def record(self, pipelined: bool, num_tokens: int, seconds: float) -> None:
+        if self._exploring:
+            self._totals[pipelined][0] += num_tokens
+            self._totals[pipelined][1] += seconds
+
+    @property
+    def preferred(self) -> bool | None:
+        return None if len(self.rates) < 2 else self.rates[True] > self.rates[False]
+
+    def _replan(self) -> None:
+        if self._exploring:
+            self.rates = {mode: tokens / max(seconds, 1e-9) for mode, (tokens, seconds) in self._totals.items()}
+            self._totals = {True: [0, 0.0], False: [0, 0.0]}
+            self._exploring = False
+            self._plan.extend([self.preferred] * (self.window * self.exploit_windows))
+        else:
+            self._exploring = True
+            self._plan.extend([False] * self.window + [True] * self.window)
+
+
 class PipelinedEngine(SpeculativeEngine):
-    def __init__(self, *args, pipelined: bool = True, **kwargs) -> None:
+    def __init__(self, *args, pipelining: Pipelining = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.pipelined = pipelined
+        self.pipelining: Pipelining = pipelining
+        self.chooser = PipeliningChooser()
         self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
         self._ready: MicroBatch | None = None  # proposed, waiting for the target
 
     def step(self) -> list[Sequence]:
-        if not self.pipelined:
-            return super().step()
+        pipelined = self.chooser.next_mode() if self.pipelining == "auto" else self.pipelining == "on"
+        before = {seq.seq_id: len(seq.output_token_ids) for seq in self.running}
+        start = time.perf_counter()
+        if not pipelined:
+            self._ready = self._still_running(self._ready, [seq for seq in self.running if not seq.is_finished])
+        if pipelined or self._ready is not None:  # switching off: first verify what is proposed
+            finished = self._pipelined_step(propose_next=pipelined)
+        else:
+            finished = super().step()
+        num_tokens = sum(len(seq.output_token_ids) - before.get(seq.seq_id, 0) for seq in self.running + finished)
+        self.chooser.record(pipelined, num_tokens, time.perf_counter() - start)
+        return finished
+
+    def shutdown(self) -> None:
+        self._drafting.shutdown(wait=True)
+
+    def _pipelined_step(self, propose_next: bool) -> list[Sequence]:
         self.admit()
         active = [seq for seq in self.running if not seq.is_finished]
         ready, self._ready = self._still_running(self._ready, active), None
@@ -50,6 +112,7 @@ class PipelinedEngine(SpeculativeEngine):
             return self.retire()
         in_ready = {seq.seq_id for seq in ready.seqs}
         upcoming = [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
+        upcoming = upcoming if propose_next else []
         drafting = self._drafting.submit(self.propose, upcoming) if upcoming else None
         try:
             output = self.verifier.verify(ready.seqs, ready.proposal)
@@ -59,9 +122,6 @@ class PipelinedEngine(SpeculativeEngine):
         if upcoming:
             self._ready = MicroBatch(upcoming, upcoming_proposal)
         return self.retire()
-
-    def shutdown(self) -> None:
-        self._drafting.shutdown(wait=True)
 
     @staticmethod
     def _still_running(batch: MicroBatch | None, active: list[Sequence]) -> MicroBatch | None:

@@ -40,9 +40,10 @@ class WorkerPlacement(BaseModel):
     tp_sharding: Literal["auto", "manual"] = Field(
         "auto", description="'auto': transformers' tensor-parallel plan where the model has one; 'manual': this "
                             "package's MLP and expert sharding (always used for models without a plan).")
-    pipelined: bool = Field(
-        True, description="Split running sequences into two micro-batches: draft one while the target verifies "
-                          "the other. False runs propose and verify back to back (for comparison).")
+    pipelining: Literal["auto", "on", "off"] = Field(
+        "auto", description="'on': split running sequences into two micro-batches and draft one while the target "
+                            "verifies the other; 'off': propose and verify back to back; 'auto': time both on live "
+                            "traffic and keep the faster (overlap loses where both workers share a few CPU cores).")
     inline_sync: bool = Field(
         True, description="Send committed tokens inside the next propose/verify command instead of a separate "
                           "Sync command after each step (one round trip less per step).")

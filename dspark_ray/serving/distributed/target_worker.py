@@ -28,7 +28,7 @@ from dspark_ray.engine.verifier import TargetVerifier
 from dspark_ray.serving.distributed import convert
 from dspark_ray.serving.distributed.mirror import SequenceMirror, SequenceStateError
 from dspark_ray.serving.distributed.server import CommandRunner, free_port, start_server
-from dspark_ray.serving.distributed.tensor_parallel import (RankEnvironment, Sharding, init_group,
+from dspark_ray.serving.distributed.tensor_parallel import (RankEnvironment, Sharding, check_group, init_group,
                                                             load_target_shard, parameter_bytes)
 from dspark_ray.serving.wire import worker_pb2 as pb
 from dspark_ray.serving.wire import worker_pb2_grpc as pb_grpc
@@ -51,7 +51,8 @@ class TargetWorker:
         self.runner = CommandRunner()
         self.verifier: TargetVerifier | None = None
         self.vocab_size = 0
-        self._control: dist.ProcessGroup | None = None
+        self._control: dist.ProcessGroup | None = None  # carries commands; None with one rank
+        self.backend = "none"  # of the process group, after an all-reduce went through it
         self._address: str | None = None
 
     def rendezvous(self) -> tuple[str, int]:
@@ -62,8 +63,10 @@ class TargetWorker:
         """Join the group and load this rank's shard; rank 0 returns its gRPC address."""
         gpu_ids = ray.get_gpu_ids()  # Ray makes the rank's own GPU device 0 of this process
         env = RankEnvironment(self.rank, self.world_size, 0 if gpu_ids else self.rank, master_addr, master_port)
-        if self.world_size > 1:
-            self._control = init_group(env, backend, timeout_s)
+        if self.world_size > 1 or backend == "nccl":  # one GPU: still a (one-rank) nccl group
+            control = init_group(env, backend, timeout_s)
+            self._control = control if self.world_size > 1 else None
+            self.backend = check_group(self.engine_config.device)
         model = load_target_shard(self.engine_config, self.world_size, sharding)
         pad_token_id = load_tokenizer(self.engine_config.target).pad_token_id or 0
         self.verifier = TargetVerifier(CausalLMRunner(model, pad_token_id))
@@ -74,6 +77,12 @@ class TargetWorker:
         else:
             threading.Thread(target=self._follow, name=f"target-rank-{self.rank}", daemon=True).start()
         return self._address
+
+    def describe(self) -> dict[str, object]:
+        model = self.verifier.runner.model
+        return {"rank": self.rank, "world_size": self.world_size, "backend": self.backend,
+                "device": str(self.verifier.runner.device), "dtype": str(self.verifier.runner.dtype),
+                "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()], "model": type(model).__name__}
 
     def parameter_bytes(self) -> dict[str, int]:
         return asdict(parameter_bytes(self.verifier.runner.model))

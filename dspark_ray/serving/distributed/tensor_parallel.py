@@ -56,6 +56,15 @@ def init_group(env: RankEnvironment, backend: str, timeout_s: float) -> dist.Pro
     return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
 
 
+def check_group(device: str) -> str:
+    """All-reduce one value through the group (on the model's device); returns the backend used."""
+    probe = torch.ones(1, device=device)
+    dist.all_reduce(probe)
+    if int(probe.item()) != dist.get_world_size():
+        raise RuntimeError(f"all-reduce over the {dist.get_backend()} group gave {probe.item()}")
+    return str(dist.get_backend())
+
+
 def load_target_shard(config: EngineConfig, world_size: int, sharding: Sharding) -> PreTrainedModel:
     if world_size == 1:
         return load_causal_lm(config.target, config.dtype, config.device)

@@ -45,6 +45,7 @@ def distributed(distributed_engines, case: Case):
 
 def test_greedy_output_is_the_in_process_engines(distributed, local_outputs) -> None:
     engine, config = distributed
+    engine.pipelining = "on"  # the overlapping strategy; "off" below, "auto" (the default) elsewhere
     seqs = engine.generate(greedy_requests())
     assert outputs(seqs) == local_outputs(config, greedy_requests())
     assert all(len(seq.output_token_ids) == 20 for seq in seqs)
@@ -55,12 +56,12 @@ def test_pipelining_and_sync_mode_do_not_change_the_output(distributed, local_ou
     if case.tp > 1:
         pytest.skip("covered at TP=1")
     try:
-        engine.pipelined = False
+        engine.pipelining = "off"
         engine.verifier.inline_sync = engine.drafter.inline_sync = False  # a Sync command after each step
         assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
         assert engine.wire_stats().num_calls.get("target.Sync", 0) > 0
     finally:
-        engine.pipelined = True
+        engine.pipelining = "auto"
         engine.verifier.inline_sync = engine.drafter.inline_sync = True
 
 

@@ -10,13 +10,13 @@ from conftest import PROMPTS, engine_config, greedy_requests, outputs
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest
-from dspark_ray.serving.distributed.pipeline import PipelinedEngine
+from dspark_ray.serving.distributed.pipeline import PipelinedEngine, PipeliningChooser
 
 
-def _pipelined(config, pipelined: bool = True) -> PipelinedEngine:
+def _pipelined(config, pipelining: str = "on") -> PipelinedEngine:
     local = build_engine(config, load_models(config))
     return PipelinedEngine(local.verifier, local.drafter, local.stop_rules, local.num_speculative_tokens,
-                           local.max_batch_size, pipelined=pipelined)
+                           local.max_batch_size, pipelining=pipelining)
 
 
 @pytest.mark.parametrize("drafter", ["model", "ngram"])
@@ -28,7 +28,7 @@ def test_pipelined_greedy_output_is_the_engines(tiny, local_outputs, drafter: st
 
 def test_pipelining_off_is_the_plain_engine(tiny, local_outputs) -> None:
     config = engine_config(tiny("llama"), "model")
-    assert outputs(_pipelined(config, False).generate(greedy_requests())) == local_outputs(config, greedy_requests())
+    assert outputs(_pipelined(config, "off").generate(greedy_requests())) == local_outputs(config, greedy_requests())
 
 
 def test_micro_batches_alternate_and_overlap(tiny) -> None:
@@ -73,3 +73,24 @@ def test_seeded_sampling_is_reproducible(tiny) -> None:
     requests = [GenerationRequest(prompt, SamplingParams(temperature=0.8, top_p=0.9, seed=i), max_tokens=12)
                 for i, prompt in enumerate(PROMPTS)]
     assert outputs(_pipelined(config).generate(requests)) == outputs(_pipelined(config).generate(requests))
+
+
+def test_auto_mode_switches_strategies_without_changing_the_output(tiny, local_outputs) -> None:
+    config = engine_config(tiny("llama"), "model")
+    engine = _pipelined(config, "auto")
+    engine.chooser = PipeliningChooser(window=1, exploit_windows=1)  # switch nearly every step
+    modes = []
+    next_mode = engine.chooser.next_mode
+    engine.chooser.next_mode = lambda: modes.append(next_mode()) or modes[-1]
+    assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
+    assert True in modes and False in modes and set(engine.chooser.rates) == {True, False}
+
+
+def test_chooser_exploits_the_faster_strategy() -> None:
+    chooser = PipeliningChooser(window=2, exploit_windows=3)
+    explored = [chooser.next_mode() for _ in range(4)]
+    assert explored == [False, False, True, True]
+    for pipelined in explored:
+        chooser.record(pipelined, num_tokens=10 if pipelined else 5, seconds=1.0)
+    assert [chooser.next_mode() for _ in range(6)] == [True] * 6 and chooser.preferred is True
+    assert [chooser.next_mode() for _ in range(4)] == [False, False, True, True]  # explores again
