@@ -3,9 +3,8 @@
 `build_app` is the `import_path` of the Serve config file (`dspark_ray.serving.app:build_app`),
 its `args` are an `AppConfig`. Serve decorators are applied here, at build time, so `Router` and
 `ServedModel` stay plain classes. A model-server replica is one model instance; in distributed
-mode it reserves its worker actors through its placement group: bundle 0 for the replica
-itself, then one bundle per target rank, then the drafter's (PACK: the target ranks land
-together where possible, the draft bundle may go to another node type).
+mode it reserves its worker actors through a placement group of its own (one bundle per target
+rank, packed, then the drafter's, which may go to another node type).
 """
 
 from __future__ import annotations
@@ -41,15 +40,10 @@ def model_server_options(config: AppConfig) -> dict[str, Any]:
     else:
         options["autoscaling_config"] = {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
                                          "target_ongoing_requests": scaling.target_ongoing_requests}
-    workers = config.workers
-    if workers.mode == "distributed":
+    if config.workers.mode == "distributed":
+        # The replica reserves its worker actors itself (build_distributed_engine makes a placement
+        # group from workers.placement); the replica process only coordinates.
         options["ray_actor_options"] = {"num_cpus": config.model_server_num_cpus}
-        bundles = [{"CPU": config.model_server_num_cpus}]
-        bundles += [dict(workers.target_rank_resources) for _ in range(workers.tensor_parallel_size)]
-        if config.engine.drafter != "none":
-            bundles.append(dict(workers.draft_resources))
-        options["placement_group_bundles"] = bundles
-        options["placement_group_strategy"] = "PACK"
     return options
 
 

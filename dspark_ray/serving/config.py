@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from dspark_ray.config import EngineConfig
+from dspark_ray.serving.distributed.placement import WorkerPlacement
 
 IMPORT_PATH = "dspark_ray.serving.app:build_app"
 GRPC_SERVICER_FUNCTION = (
@@ -36,24 +37,20 @@ class WorkersConfig(FrozenModel):
         "local",
         description=(
             "'local': the engine runs inside the model-server replica process. 'distributed': the "
-            "target runs on tensor-parallel worker actors and the drafter on its own actor, reserved "
-            "through the replica's placement group."
+            "target runs on tensor-parallel worker actors and the drafter on its own actor, reserved by "
+            "the replica through a placement group (see `placement`)."
         ),
     )
-    tensor_parallel_size: int = Field(1, ge=1, le=64, description="Target ranks per model instance.")
-    target_rank_resources: dict[str, float] = Field(
-        default_factory=lambda: {"CPU": 1.0},
-        description="Ray resources of one target rank's placement-group bundle, e.g. {'GPU': 1}.",
-    )
-    draft_resources: dict[str, float] = Field(
-        default_factory=lambda: {"CPU": 1.0},
-        description="Ray resources of the draft worker's bundle, e.g. {'GPU': 0.25} or a custom node resource.",
+    placement: WorkerPlacement = Field(
+        default_factory=WorkerPlacement,
+        description="Worker actors of one model instance (mode 'distributed'): tp, resources per rank and "
+                    "for the drafter, backend, pipelining, timeouts.",
     )
 
     @model_validator(mode="after")
     def _check_mode(self) -> "WorkersConfig":
-        if self.tensor_parallel_size > 1 and self.mode != "distributed":
-            raise ValueError("tensor_parallel_size > 1 runs on worker actors: set workers.mode to 'distributed'")
+        if self.placement.tp > 1 and self.mode != "distributed":
+            raise ValueError("placement.tp > 1 runs on worker actors: set workers.mode to 'distributed'")
         return self
 
 

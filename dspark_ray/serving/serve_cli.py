@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
 from dspark_ray.serving.config import AppConfig, ServeConfig, WorkersConfig
+from dspark_ray.serving.distributed.placement import WorkerPlacement
 
 
 def add_parser(subparsers) -> None:
@@ -45,7 +46,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         config = ServeConfig.from_file(args.config)
     else:
         overrides = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
-        workers = WorkersConfig(mode="distributed" if args.tp > 1 else "local", tensor_parallel_size=args.tp)
+        workers = WorkersConfig(mode="distributed" if args.tp > 1 else "local", placement=WorkerPlacement(tp=args.tp))
         app = AppConfig(model_name=args.model_name, engine=engine_config_from_args(args, **overrides),
                         workers=workers, torch_num_threads=args.threads or 1)
         config = ServeConfig(app=app)
@@ -84,20 +85,24 @@ def stop() -> None:
         ray.shutdown()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C, also while Serve is still deploying
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = serve_config_from_args(args)
     except (ValueError, OSError) as error:
         print(f"dspark-ray serve: error: {error}", file=sys.stderr)
         return 2
-    stopping, status = threading.Event(), 0
-    previous = signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    status = 0
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         start(config, args.address, args.num_cpus)
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own handler
         grpc = f", gRPC on {config.http_host}:{config.grpc_port}" if config.grpc_port else ""
         print(f"dspark-ray: serving '{config.app.model_name}' at {config.base_url}{grpc} (Ctrl-C stops)", flush=True)
-        while not stopping.wait(1.0):
-            pass
+        threading.Event().wait()
     except KeyboardInterrupt:
         pass
     except Exception as error:  # a failed deployment: say why, then still shut Ray down
@@ -105,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         status = 1
     finally:
         print("dspark-ray: shutting down", flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
         stop()
         signal.signal(signal.SIGTERM, previous)
     return status

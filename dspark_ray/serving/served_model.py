@@ -104,6 +104,9 @@ class ServedModel:
         server = getattr(self, "server", None)
         if server is not None:
             server.shutdown()
+            engine_shutdown = getattr(server.engine, "shutdown", None)  # distributed: workers, placement group
+            if engine_shutdown is not None:
+                engine_shutdown()
 
 
 def build_model_engine(engine_config: EngineConfig, workers: WorkersConfig
@@ -112,12 +115,9 @@ def build_model_engine(engine_config: EngineConfig, workers: WorkersConfig
         try:
             from dspark_ray.serving.distributed import build_distributed_engine
         except ImportError as error:
-            raise RuntimeError(
-                "workers.mode 'distributed' (or tensor_parallel_size > 1) needs "
-                "dspark_ray.serving.distributed.build_distributed_engine, which is not available in this "
-                "installation; use workers.mode 'local'"
-            ) from error
-        return build_distributed_engine(engine_config, workers)
+            raise RuntimeError("workers.mode 'distributed' needs dspark_ray.serving.distributed, which does "
+                               "not import here; use workers.mode 'local'") from error
+        return build_distributed_engine(engine_config, workers.placement)
     models = load_models(engine_config)
     tokenizer = models.tokenizer
     return build_engine(engine_config, models), lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

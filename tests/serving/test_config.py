@@ -34,13 +34,13 @@ def test_rayservice_embeds_a_serve_config_for_tensor_parallel_workers() -> None:
     manifest = rayservice()
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
     config = ServeConfig.from_serve_dict(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
-    workers = config.app.workers
-    assert workers.mode == "distributed" and workers.tensor_parallel_size == 2
+    workers, placement = config.app.workers, config.app.workers.placement
+    assert workers.mode == "distributed" and placement.tp == 2 and placement.resolved_backend == "nccl"
     groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     gpus_per_target_pod = int(groups["target-tp2"]["rayStartParams"]["num-gpus"])
-    assert gpus_per_target_pod >= workers.tensor_parallel_size * workers.target_rank_resources["GPU"]
+    assert gpus_per_target_pod >= placement.tp * placement.target_num_gpus_per_rank
     assert "dspark_draft" in groups["draft"]["rayStartParams"]["resources"]
-    assert set(workers.draft_resources) == {"GPU", "dspark_draft"}
+    assert set(placement.draft_bundle) == {"GPU", "dspark_draft"}
     assert config.http_host == "0.0.0.0"
 
 
@@ -68,7 +68,8 @@ def test_unknown_app_args_are_rejected() -> None:
 @pytest.mark.parametrize("args", [
     {"max_ongoing_requests": 0},
     {"autoscaling": {"min_replicas": 3, "max_replicas": 2}},
-    {"workers": {"tensor_parallel_size": 2}},  # TP runs on worker actors
+    {"workers": {"placement": {"tp": 2}}},  # TP runs on worker actors: mode distributed
+    {"workers": {"mode": "distributed", "placement": {"tp_size": 2}}},
     {"tenants": [{"name": "a", "api_key": "same-key-1"}, {"name": "b", "api_key": "same-key-1"}]},
     {"over_capacity_status": 500},
 ])
@@ -89,12 +90,10 @@ def test_deployment_options() -> None:
     assert router_options(local)["max_ongoing_requests"] >= 8 + 4
     scaled = AppConfig(autoscaling={"min_replicas": 1, "max_replicas": 3})
     assert model_server_options(scaled)["autoscaling_config"]["max_replicas"] == 3
-    distributed = AppConfig(workers={"mode": "distributed", "tensor_parallel_size": 2,
-                                     "target_rank_resources": {"GPU": 1}, "draft_resources": {"CPU": 1}})
+    distributed = AppConfig(workers={"mode": "distributed", "placement": {"tp": 2}}, model_server_num_gpus=1)
     options = model_server_options(distributed)
-    assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}, {"CPU": 1.0}]
-    target_only = distributed.model_copy(update={"engine": distributed.engine.model_copy(update={"drafter": "none"})})
-    assert len(model_server_options(target_only)["placement_group_bundles"]) == 3
+    assert "placement_group_bundles" not in options  # the replica reserves its workers itself
+    assert options["ray_actor_options"] == {"num_cpus": 1.0}  # and coordinates only
 
 
 def test_build_app_binds_router_to_model_server() -> None:
@@ -115,7 +114,7 @@ def test_serve_flags() -> None:
     assert config.base_url == "http://127.0.0.1:8000/v1" and config.app.workers.mode == "local"
     config = serve_config_from_args(_serve_args("--tp", "2", "--drafter", "ngram", "--port", "8100",
                                                 "--grpc-port", "0"))
-    assert config.app.workers.mode == "distributed" and config.app.workers.tensor_parallel_size == 2
+    assert config.app.workers.mode == "distributed" and config.app.workers.placement.tp == 2
     assert config.app.engine.drafter == "ngram" and config.http_port == 8100 and config.grpc_port is None
 
 
