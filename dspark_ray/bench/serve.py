@@ -225,7 +225,9 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     engine = engine_config_from_args(args, max_batch_size=max(levels))
     target_only = engine.model_copy(update={"drafter": "none"})
     capacity = {"max_ongoing_requests": max(levels), "max_queued_requests": max(levels),
-                "torch_num_threads": args.threads or 1}
+                "torch_num_threads": args.threads or 1,
+                # both apps share one GPU (Ray hides GPUs from actors that reserve none)
+                "model_server_num_gpus": 0.5 if engine.device.startswith("cuda") else 0.0}
     port = free_port()
     config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
                          app=AppConfig(engine=engine, **capacity))

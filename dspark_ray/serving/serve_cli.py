@@ -47,8 +47,11 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     else:
         overrides = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
         workers = WorkersConfig(mode="distributed" if args.tp > 1 else "local", placement=WorkerPlacement(tp=args.tp))
-        app = AppConfig(model_name=args.model_name, engine=engine_config_from_args(args, **overrides),
-                        workers=workers, torch_num_threads=args.threads or 1)
+        engine = engine_config_from_args(args, **overrides)
+        # Ray hides GPUs from actors that reserve none: a local-mode replica on CUDA reserves one.
+        num_gpus = 1.0 if engine.device.startswith("cuda") and workers.mode == "local" else 0.0
+        app = AppConfig(model_name=args.model_name, engine=engine, workers=workers,
+                        torch_num_threads=args.threads or 1, model_server_num_gpus=num_gpus)
         config = ServeConfig(app=app)
     updates = {}
     if args.host is not None:
