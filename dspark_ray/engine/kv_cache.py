@@ -142,8 +142,8 @@ class BatchKVCache:
 
 
 def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # states [B, H, S, D], index [B, L] -> [B, H, L, D]
-    expanded = index[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+    # states [B, H, S, D], index [B, L] -> [B, H, L, D]; the slot bookkeeping lives on the CPU
+    expanded = index.to(states.device)[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
     return states.gather(2, expanded)
 
 

@@ -95,11 +95,12 @@ class TargetVerifier:
 
 
 def _verify(seqs: list[Sequence], proposal: DraftProposal, target_logits: torch.Tensor) -> VerificationResult:
-    draft_probs = proposal.draft_probs
+    device = target_logits.device  # drafts are built on the CPU; the rule runs where the logits are
+    draft_probs = None if proposal.draft_probs is None else proposal.draft_probs.to(device)
     if draft_probs is None and proposal.draft_token_ids.shape[1] == 0:
         draft_probs = target_logits.new_zeros(len(seqs), 0, target_logits.shape[-1])  # [B, 0, V]
     return verify(
-        proposal.draft_token_ids, proposal.num_draft_tokens, draft_probs, target_logits,
+        proposal.draft_token_ids.to(device), proposal.num_draft_tokens.to(device), draft_probs, target_logits,
         SamplingTensors.from_params([seq.request.sampling for seq in seqs]),
         [seq.generator for seq in seqs],
     )
