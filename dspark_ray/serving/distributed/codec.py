@@ -40,14 +40,17 @@ def quantize(probs: Tensor, max_support: int) -> Tensor:  # [..., V] float32 -> 
     counts = scaled.floor()
     missing = (GRID - counts.sum(-1)).clamp(min=0).long()  # [R] < N: units still to hand out
     order = (scaled - counts).argsort(dim=-1, descending=True, stable=True)  # largest remainders first
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))
+    positions = torch.arange(order.shape[-1], device=probs.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
     counts = counts.long() + (rank < missing[:, None]).long()  # [R, N]
-    dense = torch.zeros(flat.shape, dtype=torch.float32).scatter_(-1, top.indices, counts.float() / GRID)
+    dense = torch.zeros(flat.shape, dtype=torch.float32, device=probs.device)
+    dense.scatter_(-1, top.indices, counts.float() / GRID)
     return dense.reshape(shape)
 
 
 def encode(probs: Tensor) -> SparseProbs:  # [V] float32
     """The support of one distribution; counts when it lies on the grid, exact float32 otherwise."""
+    probs = probs.cpu()
     token_ids = probs.nonzero().squeeze(1)  # [N] ascending
     values = probs[token_ids].float()  # [N]
     counts = (values.double() * GRID).round()

@@ -5,7 +5,7 @@
 
 Builds two model instances through `build_distributed_engine` (speculative with the draft LM, and
 target-only), serves the same greedy prompts through the `ModelServer` coordinator at each
-concurrency, and prints: output tokens/s (speculative pipelined, speculative unpipelined,
+concurrency (configurations interleaved over `--rounds` rounds, medians reported), and prints: output tokens/s (speculative pipelined, speculative unpipelined,
 target-only), the speedup, mean acceptance length, the busy/idle time of the target and draft
 workers, bytes on the wire per generated token, and whether every speculative output equals the
 target-only one. On one GPU the target group has one rank: its nccl process group is created and
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-speculative-tokens", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -79,29 +80,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {'cuda' if on_gpu else 'cpu'}, {placement.resolved_backend}, tp {args.tp}, "
           f"{len(prompts)} prompts x {args.max_tokens} tokens, concurrency {concurrencies}", flush=True)
 
-    runs: list[Run] = []
-    outputs: dict[str, list[list[int]]] = {}
-    for name, drafter, modes in (("target-only", "none", ("off",)), ("speculative", "model", ("on", "off", "auto"))):
-        engine, decode = build_distributed_engine(EngineConfig(drafter=drafter, **common), placement)
-        try:
-            print(f"{name}: target ranks {[asdict_safe(d) for d in describe(engine)]}", flush=True)
-            serve(engine, decode, prompts[:2], 8, 2)  # warm-up (allocators, kernels)
-            for mode in modes:
-                engine.pipelining = mode
-                for concurrency in concurrencies:
-                    run, texts = measure(engine, decode, name, prompts, args.max_tokens, concurrency)
-                    runs.append(run)
-                    outputs.setdefault(name, texts)
-                    print(format_run(run), flush=True)
-        finally:
+    engines = {}
+    try:
+        for name, drafter in (("target-only", "none"), ("speculative", "model")):
+            engines[name] = build_distributed_engine(EngineConfig(drafter=drafter, **common), placement)
+            print(f"{name}: target ranks {[summary(info) for info in describe(engines[name][0])]}", flush=True)
+            serve(*engines[name], prompts[:2], 8, 2)  # warm-up (allocators, kernels)
+        runs, outputs = interleaved(engines, prompts, args.max_tokens, concurrencies, args.rounds)
+    finally:
+        for engine, _ in engines.values():
             engine.shutdown()
     identical = sum(a == b for a, b in zip(outputs["speculative"], outputs["target-only"]))
     print(f"greedy outputs identical to target-only: {identical}/{len(prompts)}")
     print_speedups(runs)
     if args.json:
         args.json.write_text(json.dumps({"runs": [asdict(run) for run in runs], "identical": identical,
-                                         "num_prompts": len(prompts)}, indent=2))
+                                         "num_prompts": len(prompts), "rounds": args.rounds}, indent=2))
     return 0 if identical == len(prompts) else 1
+
+
+def interleaved(engines: dict, prompts: list[list[int]], max_tokens: int, concurrencies: list[int], rounds: int
+                ) -> tuple[list[Run], dict[str, list[list[int]]]]:
+    """Every configuration once per round, rounds interleaved (load drifts); the median run of each."""
+    configs = [("target-only", "off"), ("speculative", "on"), ("speculative", "off"), ("speculative", "auto")]
+    samples: dict[tuple, list[Run]] = {}
+    outputs: dict[str, list[list[int]]] = {}
+    for concurrency in concurrencies:
+        for _ in range(rounds):
+            for name, mode in configs:
+                engine, decode = engines[name]
+                engine.pipelining = mode
+                run, tokens = measure(engine, decode, name, prompts, max_tokens, concurrency)
+                samples.setdefault((name, mode, concurrency), []).append(run)
+                outputs.setdefault(name, tokens)
+    runs = [sorted(runs, key=lambda run: run.tokens_per_s)[len(runs) // 2] for runs in samples.values()]
+    for run in runs:
+        print(format_run(run), flush=True)
+    return runs, outputs
 
 
 def gpu_placement(tp: int) -> WorkerPlacement:
@@ -116,7 +131,7 @@ def describe(engine: DistributedEngine) -> list[dict]:
     return ray.get([actor.describe.remote() for actor in engine.target.actors])
 
 
-def asdict_safe(info: dict) -> str:
+def summary(info: dict) -> str:
     return f"{info['backend']}/{info['device']}/{info['dtype']}"
 
 
