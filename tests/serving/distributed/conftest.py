@@ -47,9 +47,9 @@ def ray_session() -> Iterator[None]:
     import ray
 
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=128 * 1024 * 1024)
+    if started:  # the same cluster as tests/serving/conftest.py's ray_cluster, whichever starts first
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield
     if started:
         ray.shutdown()
