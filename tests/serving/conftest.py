@@ -121,6 +121,12 @@ def _deploy(endpoints: ServeEndpoints, name: str, prefix: str, config: AppConfig
 
 
 @pytest.fixture(scope="session")
+def deploy_app(serve_instance: ServeEndpoints):
+    """Deploy one more application on the session's Serve: `deploy_app(name, route_prefix, AppConfig)`."""
+    return lambda name, prefix, config: _deploy(serve_instance, name, prefix, config)
+
+
+@pytest.fixture(scope="session")
 def served_app(serve_instance: ServeEndpoints, engine_config: EngineConfig, model_dirs: ModelDirs) -> ServedApp:
     config = AppConfig(engine=engine_config, chat_template=_chat_template(model_dirs), model_server_num_cpus=0.5,
                        router_num_cpus=0.25)

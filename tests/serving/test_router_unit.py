@@ -169,3 +169,13 @@ def test_health_and_metrics() -> None:
     page = client.get("/metrics").text
     assert f'dspark_request_success_total{{finished_reason="stop",model_name="{MODEL}"}} 1.0' in page
     assert f'dspark_spec_decode_num_accepted_tokens_per_pos_total{{model_name="{MODEL}",position="0"}} 2.0' in page
+
+
+def test_health_is_503_when_the_model_server_is_not_healthy() -> None:
+    class SickRouter(Router):
+        def _model_server_healthy(self) -> bool:
+            return False
+
+    client = TestClient(build_http_app(SickRouter(ScriptedModel([]), AppConfig())))
+    response = client.get("/health")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
