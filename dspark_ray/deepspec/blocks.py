@@ -9,7 +9,7 @@ checkpoints, so a resumed run draws exactly the batches an uninterrupted one wou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -23,6 +23,10 @@ class SequenceBatch:
     lengths: torch.Tensor  # [B] int64
     answer_starts: torch.Tensor  # [B] int64: index of the first answer token
 
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        return replace(self, input_ids=self.input_ids.to(device), lengths=self.lengths.to(device),
+                       answer_starts=self.answer_starts.to(device))
+
 
 @dataclass(frozen=True, eq=False)
 class BlockBatch:
@@ -32,6 +36,9 @@ class BlockBatch:
     labels: torch.Tensor  # [B, A, K] t[a + k + 1]
     prev_ids: torch.Tensor  # [B, A, K] t[a + k]: x_{k-1} of the sequential head (anchor first)
     valid: torch.Tensor  # [B, A, K] bool, a contiguous prefix per block
+
+    def to(self, device: torch.device | str) -> "BlockBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 class SequenceSampler:

@@ -48,13 +48,14 @@ def dspark_loss(
     block_size = draft_logits.shape[1]
     mask = valid.float()
     if weights.position_decay:
-        mask = mask * torch.exp(-torch.arange(block_size, dtype=torch.float32) / weights.position_decay)
+        positions = torch.arange(block_size, dtype=torch.float32, device=mask.device)
+        mask = mask * torch.exp(-positions / weights.position_decay)
     denominator = mask.sum().clamp(min=1.0)
 
-    ce = F.cross_entropy(draft_logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(mask)
-    draft_probs = draft_logits.float().softmax(-1)
+    draft_logprobs = draft_logits.float().log_softmax(-1)  # one pass serves CE and TV
+    ce = -draft_logprobs.gather(-1, labels[..., None])[..., 0]  # [N, K]
     target_probs = target_logits.float().softmax(-1)
-    tv = 0.5 * (draft_probs - target_probs).abs().sum(-1)  # [N, K]
+    tv = 0.5 * (draft_logprobs.exp() - target_probs).abs().sum(-1)  # [N, K]
     accepted = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float()  # [N, K]
     confidence_target = accepted if weights.confidence_target == "greedy" else (1.0 - tv).detach().clamp(0, 1)
     bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), confidence_target, reduction="none")

@@ -12,6 +12,12 @@ def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({device})"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
 def training_card(args: argparse.Namespace, model, outcome, command: str) -> str:
     if args.draft_lm:
         title, what = "Distilled draft LM", (
@@ -46,6 +52,6 @@ def training_card(args: argparse.Namespace, model, outcome, command: str) -> str
   {"from the on-disk cache" if args.features == "cache" else "from the cache if present, else computed on the fly"}
 - Steps: {outcome.steps} x {args.batch_size} sequences{"" if args.draft_lm else f" x {args.anchors} anchor blocks"},
   lr {args.lr}, seed {args.seed}; loss weights ce/tv/conf = {args.w_ce}/{args.w_tv}/{args.w_conf}
-- Wall-clock training time: {outcome.elapsed_s:.0f} s on {torch.get_num_threads()} CPU threads
+- Wall-clock training time: {outcome.elapsed_s:.0f} s on {_device_name(args.device)}
 - Last step: `{final}`
 """

@@ -40,11 +40,12 @@ class Schedule:
     warmup_steps: int
     min_lr_ratio: float = 0.1
 
-    def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
+        """Linear warmup, then cosine decay to min_lr_ratio * lr; under a time budget the decay follows
+        whichever is further along, the steps or the time (so a cut run still ends annealed)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        progress = min(1.0, max(time_fraction, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -64,16 +65,19 @@ class TargetSource:
         for row, (row_features, row_final) in enumerate(loaded):
             length = int(batch.lengths[row])
             features[row, :length], final_hidden[row, :length] = row_features[:length], row_final[:length]
-        return TargetBatch(features, final_hidden)
+        device = batch.input_ids.device
+        return TargetBatch(features.to(device), final_hidden.to(device))
 
 
 def dspark_step(model, source: TargetSource, batch: SequenceBatch, num_anchors: int, generator: torch.Generator,
                 weights: LossWeights, answer_only: bool) -> LossTerms:
     """One teacher-forced forward of A blocks per sequence and its loss."""
-    blocks = sample_blocks(batch, num_anchors, model.block_size, generator, answer_only)
+    device = model.mask_embedding.device
+    blocks = sample_blocks(batch, num_anchors, model.block_size, generator, answer_only).to(device)
+    batch = batch.to(device)
     states = source(batch)
     rows, width = batch.input_ids.shape
-    slots = torch.arange(width)
+    slots = torch.arange(width, device=device)
     context_kv = model.context_kv(states.features, slots.expand(rows, width))  # [B, T, layers, 2, D]
     context_mask = (slots < blocks.anchors[:, :, None]) & (slots < batch.lengths[:, None, None])  # [B, A, T]
     anchor_ids = batch.input_ids.gather(1, blocks.anchors)
@@ -88,9 +92,10 @@ def dspark_step(model, source: TargetSource, batch: SequenceBatch, num_anchors: 
 def draft_lm_step(draft, source: TargetSource, batch: SequenceBatch, ce_weight: float,
                   answer_only: bool) -> LossTerms:
     """KL(target || draft) + ce_weight * CE on the next tokens of the (answer) positions."""
+    batch = batch.to(draft.device)
     states = source(batch)
     rows, width = batch.input_ids.shape
-    slots = torch.arange(width)
+    slots = torch.arange(width, device=draft.device)
     attention_mask = (slots < batch.lengths[:, None]).long()
     draft_logits = draft(input_ids=batch.input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, T-1, V]
     target_logits = source.target_pass.logits(states.final_hidden[:, :-1])
@@ -150,11 +155,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="end training (and save the drafter) once this much wall-clock time has passed")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop once this many steps are done (checkpointed), e.g. to train in time slices")
     parser.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the saved weights (bfloat16 halves the size)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device of the target and the drafter, e.g. cuda")
     parser.set_defaults(func=run)
 
 
@@ -235,8 +243,8 @@ def train(args: argparse.Namespace) -> TrainOutcome:
     from dspark_ray.engine.loading import load_causal_lm
 
     torch.manual_seed(args.seed)
-    target = load_causal_lm(args.target).requires_grad_(False)
-    model = build_model(args, target)
+    target = load_causal_lm(args.target, device=args.device).requires_grad_(False)
+    model = build_model(args, target).to(args.device)
     records = read_records(args.data / DATA_NAME)
     source = make_source(args, args.data, target, layer_ids_of(model, args, target))
     generator = torch.Generator().manual_seed(args.seed)
@@ -248,10 +256,10 @@ def train(args: argparse.Namespace) -> TrainOutcome:
     checkpoint = args.out / CHECKPOINT_NAME
     step, elapsed = 0, 0.0
     if args.resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=args.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())
         sampler.load_state(state["sampler"])
         step, elapsed = state["step"], state["elapsed_s"]
         print(f"resumed from {checkpoint} at step {step}")
@@ -260,9 +268,12 @@ def train(args: argparse.Namespace) -> TrainOutcome:
     tokens_seen, started = 0, time.perf_counter()
     bar = tqdm(range(step, args.steps), desc="draft LM" if args.draft_lm else f"dspark[{args.sequential_head}]",
                initial=step, total=args.steps, mininterval=2.0, dynamic_ncols=True)
+    done = step
     for step in bar:
+        done = step + 1
+        spent = elapsed + time.perf_counter() - started
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step)
+            group["lr"] = schedule.lr_at(step, spent / args.time_budget_s if args.time_budget_s else 0.0)
         batch = sampler.next_batch()
         if args.draft_lm:
             terms = draft_lm_step(model, source, batch, args.draft_ce_weight, not args.all_positions)
@@ -286,10 +297,16 @@ def train(args: argparse.Namespace) -> TrainOutcome:
         if stopping and step + 1 < args.steps:
             bar.close()
             return TrainOutcome(step + 1, elapsed + time.perf_counter() - started, final, len(records), 0)
+        if args.time_budget_s is not None and elapsed + time.perf_counter() - started > args.time_budget_s:
+            print(f"time budget reached after {step + 1} of {args.steps} steps")
+            save_checkpoint(checkpoint, model, optimizer, step + 1, generator, sampler,
+                            elapsed + time.perf_counter() - started)
+            break
+    bar.close()
     elapsed += time.perf_counter() - started
     model.eval()
     num_tokens = sum(len(record.token_ids) for record in records)
-    outcome = TrainOutcome(args.steps, elapsed, final, len(records), num_tokens)
+    outcome = TrainOutcome(done, elapsed, final, len(records), num_tokens)
     save_output(args, model, target, outcome)
     return outcome
 
@@ -331,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"dspark-ray deepspec train: error: {error}", file=sys.stderr)
         return 2
-    if outcome.steps < args.steps:
+    if outcome.steps < args.steps and not (args.out / "model.safetensors").is_file():
         print(f"stopped after {outcome.steps} of {args.steps} steps; continue with --resume")
         return 0
     print(f"trained {outcome.steps} steps in {outcome.elapsed_s:.0f} s -> {args.out}")
