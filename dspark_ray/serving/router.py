@@ -90,7 +90,8 @@ class Router:
         Closing the iterator early (client gone) cancels the request on the model server.
         """
         arrival = time.perf_counter()
-        deadline = arrival + self.config.request_timeout_s if self.config.request_timeout_s else None
+        timeout_s = self.config.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None  # loop clock
         if self.num_in_flight >= self.admission_limit:
             self.metrics.observe_error("over_capacity")
             raise self._over_capacity()
@@ -132,10 +133,9 @@ class Router:
 
     async def _next(self, stream, deadline: float | None):
         try:
-            if deadline is None:
+            async with asyncio.timeout_at(deadline):  # None: no deadline
                 return await stream.__anext__()
-            return await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.perf_counter()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(504, "request_timeout",
                            f"the request did not finish within {self.config.request_timeout_s} s") from None
         except StopAsyncIteration:
