@@ -35,7 +35,7 @@ class EngineConfig(FrozenModel):
     )
     drafter: DrafterKind = Field("model", description="How drafts are proposed: 'model', 'dspark', 'ngram' or 'none'.")
     num_speculative_tokens: int = Field(
-        6, ge=1, le=64, description="Most draft tokens proposed per sequence and step."
+        8, ge=1, le=64, description="Most draft tokens proposed per sequence and step."
     )
     adaptive_speculation: Literal["off", "confidence", "heuristic"] = Field(
         "confidence",
