@@ -14,7 +14,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
 from tiny_dspark import TinyDSpark, build_tiny_dspark  # noqa: E402
-from tiny_models import TinyModels, build_pair, greedy_reference  # noqa: E402
+from tiny_models import TinyModels, greedy_reference, pair_builder  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds contention on a 2-core machine
 transformers.utils.logging.disable_progress_bar()
@@ -23,15 +23,7 @@ transformers.utils.logging.set_verbosity_error()
 
 @pytest.fixture(scope="session")
 def tiny_targets(tmp_path_factory) -> Callable[[str], TinyModels]:
-    root = tmp_path_factory.mktemp("dspark-targets")
-    built: dict[str, TinyModels] = {}
-
-    def get(arch: str) -> TinyModels:
-        if arch not in built:
-            built[arch] = build_pair(arch, root)
-        return built[arch]
-
-    return get
+    return pair_builder(tmp_path_factory.mktemp("dspark-targets"))
 
 
 @pytest.fixture(scope="session")

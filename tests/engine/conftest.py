@@ -11,7 +11,7 @@ import transformers
 
 from dspark_ray.engine.kv_cache import BatchKVCache
 from harness import DRAFT_QUALITY
-from tiny_models import ARCHITECTURES, TinyModels, build_pair, greedy_reference
+from tiny_models import ARCHITECTURES, TinyModels, greedy_reference, pair_builder
 
 # The models are tiny: a second intra-op thread only adds contention on the 2-core CI machine
 # (measured ~25x slower per engine run with 2 threads under load).
@@ -30,15 +30,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Callable[[str], TinyModels]:
     """tiny(arch): that architecture's target and draft, saved and loaded back, built once."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    built: dict[str, TinyModels] = {}
-
-    def get(arch: str) -> TinyModels:
-        if arch not in built:
-            built[arch] = build_pair(arch, root)
-        return built[arch]
-
-    return get
+    return pair_builder(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")

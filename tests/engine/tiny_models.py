@@ -12,6 +12,7 @@ This module knows nothing about the engine; it only makes models, tokenizers and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +167,15 @@ def top2_gap(model: PreTrainedModel, tokens: list[int]) -> float:
     """Logit gap between the two best next tokens after `tokens` (a near-tie is < 1e-5)."""
     top = model(torch.tensor([tokens])).logits[0, -1].topk(2).values
     return float(top[0] - top[1])
+
+
+def pair_builder(root: Path) -> Callable[[str], TinyModels]:
+    """builder(arch): that architecture's target and draft under `root`, built once and reused."""
+    built: dict[str, TinyModels] = {}
+
+    def get(arch: str) -> TinyModels:
+        if arch not in built:
+            built[arch] = build_pair(arch, root)
+        return built[arch]
+
+    return get

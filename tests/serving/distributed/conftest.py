@@ -17,7 +17,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))  # the engine tests' tiny models
 
-from tiny_models import TinyModels, build_pair  # noqa: E402
+from tiny_models import TinyModels, pair_builder  # noqa: E402
 
 from dspark_ray.config import EngineConfig  # noqa: E402
 from dspark_ray.engine.factory import build_engine, load_models  # noqa: E402
@@ -57,15 +57,7 @@ def ray_session() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Callable[[str], TinyModels]:
-    root = tmp_path_factory.mktemp("tiny-models")
-    built: dict[str, TinyModels] = {}
-
-    def get(arch: str) -> TinyModels:
-        if arch not in built:
-            built[arch] = build_pair(arch, root)
-        return built[arch]
-
-    return get
+    return pair_builder(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")
