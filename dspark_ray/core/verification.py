@@ -113,6 +113,8 @@ def verify(
     greedy = sampling.is_greedy.to(device)  # [B]
     in_draft = torch.arange(max_draft, device=device)[None, :] < num_draft_tokens[:, None]  # [B, K]
     draft_ids = torch.where(in_draft, draft_token_ids, 0)  # [B, K], padding made a valid index
+    if bool(greedy.all()):
+        return _verify_all_greedy(draft_ids, in_draft, target_logits)
     target_probs = logits_to_probs(target_logits, sampling)  # [B, K+1, V]; greedy rows one-hot
 
     # 1. Accept or reject every draft token: uniform < min(1, target/draft) (Leviathan Alg. 1).
@@ -138,7 +140,30 @@ def verify(
     if sampled:
         emitted[sampled] = sample_from_probs(emit_probs[sampled], [generators[b] for b in sampled])
 
-    positions = torch.arange(max_draft + 1, device=device)[None, :]  # [1, K+1]
+    return _assemble(draft_ids, num_accepted, emitted)
+
+
+def _verify_all_greedy(
+    draft_ids: Tensor,  # [B, K] int64, padding already a valid index
+    in_draft: Tensor,  # [B, K] bool
+    target_logits: Tensor,  # [B, K+1, V]
+) -> VerificationResult:
+    """The same rule with every distribution one-hot, without building [B, K+1, V] one-hots:
+    accept while the draft equals the target argmax; emit the target argmax after the prefix."""
+    target_ids = target_logits.argmax(dim=-1)  # [B, K+1]; ties -> lowest index, as logits_to_probs
+    matches = in_draft & (draft_ids == target_ids[:, :-1])  # [B, K]
+    num_accepted = matches.long().cumprod(dim=1).sum(dim=1)  # [B]
+    emitted = target_ids.gather(1, num_accepted[:, None])[:, 0]  # [B]
+    return _assemble(draft_ids, num_accepted, emitted)
+
+
+def _assemble(
+    draft_ids: Tensor,  # [B, K] int64
+    num_accepted: Tensor,  # [B] int64
+    emitted: Tensor,  # [B] int64: the recovered or bonus token
+) -> VerificationResult:
+    batch_size, max_draft = draft_ids.shape
+    positions = torch.arange(max_draft + 1, device=draft_ids.device)[None, :]  # [1, K+1]
     padded_ids = torch.cat([draft_ids, draft_ids.new_zeros(batch_size, 1)], dim=1)  # [B, K+1]
     output = torch.where(positions < num_accepted[:, None], padded_ids, PLACEHOLDER_TOKEN_ID)
     output = torch.where(positions == num_accepted[:, None], emitted[:, None], output)  # [B, K+1]

@@ -461,3 +461,25 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
     alone = verify(draft_token_ids[2:3], torch.tensor([3]), draft_probs[2:3], target_logits[2:3],
                    SamplingTensors.from_params([params]), [make_generator(77)])
     assert alone.tokens(0) == reference
+
+
+def test_all_greedy_fast_path_matches_the_general_rule():
+    """A batch of greedy rows takes a shortcut; adding one sampled row forces the general rule,
+    which must give the greedy rows exactly the same output (including argmax ties)."""
+    torch.manual_seed(3)
+    batch, max_draft, vocab = 6, 4, 7
+    target_logits = torch.randint(0, 3, (batch, max_draft + 1, vocab)).float()  # many ties
+    draft_ids = target_logits.argmax(-1)[:, :max_draft].clone()
+    draft_ids[::2, 1] = (draft_ids[::2, 1] + 1) % vocab  # mismatches in some rows
+    num_draft = torch.tensor([4, 0, 2, 4, 1, 3])
+    greedy = SamplingTensors.from_params([SamplingParams()] * batch)
+    fast = verify(draft_ids, num_draft, None, target_logits, greedy, [None] * batch)
+
+    sampled_row = SamplingParams(temperature=1.0, seed=0)
+    mixed = SamplingTensors.from_params([SamplingParams()] * batch + [sampled_row])
+    general = verify(
+        torch.cat([draft_ids, draft_ids[:1]]), torch.cat([num_draft, torch.tensor([0])]), None,
+        torch.cat([target_logits, target_logits[:1]]), mixed, [None] * batch + [make_generator(0)],
+    )
+    assert torch.equal(fast.output_token_ids, general.output_token_ids[:batch])
+    assert torch.equal(fast.num_accepted, general.num_accepted[:batch])
