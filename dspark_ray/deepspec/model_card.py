@@ -12,6 +12,11 @@ def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _features_source(features: str) -> str:
+    return {"cache": "from the on-disk cache", "online": "computed on the fly"}.get(
+        features, "from the on-disk cache if present, else computed on the fly")
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device))} ({device})"
@@ -49,7 +54,7 @@ def training_card(args: argparse.Namespace, model, outcome, command: str) -> str
 
 - Command: `{command}`
 - Data: `{args.data}` ({outcome.num_records} regenerated sequences, {outcome.num_tokens} tokens); target states
-  {"from the on-disk cache" if args.features == "cache" else "from the cache if present, else computed on the fly"}
+  {_features_source(args.features)}
 - Steps: {outcome.steps} x {args.batch_size} sequences{"" if args.draft_lm else f" x {args.anchors} anchor blocks"},
   lr {args.lr}, seed {args.seed}; loss weights ce/tv/conf = {args.w_ce}/{args.w_tv}/{args.w_conf}
 - Wall-clock training time: {outcome.elapsed_s:.0f} s on {_device_name(args.device)}

@@ -1,0 +1,34 @@
+"""The bundled DSpark drafters load against the bundled target and decode held-out prompts exactly
+as the target alone does (greedy), with drafts actually accepted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dspark_ray.config import (DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_DIR, DEFAULT_TARGET_DIR, REFERENCE_DIR,
+                               EngineConfig)
+from dspark_ray.engine.factory import build_engine, load_models
+from dspark_ray.engine.sequence import GenerationRequest
+
+MAX_TOKENS = 32
+
+
+@pytest.mark.parametrize("directory", [DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_DIR])
+def test_bundled_drafter_is_lossless_on_heldout_prompts(directory):
+    if not (directory / "config.json").is_file() or not (DEFAULT_TARGET_DIR / "config.json").is_file():
+        pytest.skip("bundled models not present")
+    config = EngineConfig(drafter="dspark", draft=directory, num_speculative_tokens=8, max_batch_size=3)
+    models = load_models(config)
+    lines = (REFERENCE_DIR / "prompts" / "heldout.jsonl").read_text().splitlines()[:3]
+    prompts = [models.tokenizer.encode(json.loads(line)["prompt"]) for line in lines]
+
+    seqs = build_engine(config, models).generate([GenerationRequest(p, max_tokens=MAX_TOKENS) for p in prompts])
+
+    for seq, prompt in zip(seqs, prompts):
+        with torch.no_grad():
+            expected = models.target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=MAX_TOKENS)
+        assert seq.output_token_ids == expected[0, len(prompt):].tolist()  # both stop at EOS alike
+    assert sum(seq.stats.num_accepted_tokens for seq in seqs) > 0
