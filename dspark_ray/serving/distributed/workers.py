@@ -37,8 +37,10 @@ class WorkerUnavailable(RuntimeError):
 class _Supervised:
     role = "worker"
 
-    def __init__(self, placement: WorkerPlacement) -> None:
+    def __init__(self, engine_config: EngineConfig, placement: WorkerPlacement, group: PlacementGroup) -> None:
+        self.engine_config = engine_config
         self.placement = placement
+        self.group = group
         self.actors: list = []
         self.generation = 0
         self.num_restarts = 0
@@ -123,11 +125,6 @@ class _Supervised:
 class DraftWorkerHandle(_Supervised):
     role = "draft"
 
-    def __init__(self, engine_config: EngineConfig, placement: WorkerPlacement, group: PlacementGroup) -> None:
-        super().__init__(placement)
-        self.engine_config = engine_config
-        self.group = group
-
     def _launch(self) -> tuple[list, str]:
         placement = self.placement
         actor = ray.remote(DraftWorker).options(
@@ -147,11 +144,6 @@ class DraftWorkerHandle(_Supervised):
 
 class TargetGroupHandle(_Supervised):
     role = "target"
-
-    def __init__(self, engine_config: EngineConfig, placement: WorkerPlacement, group: PlacementGroup) -> None:
-        super().__init__(placement)
-        self.engine_config = engine_config
-        self.group = group
 
     def _launch(self) -> tuple[list, str]:
         placement = self.placement
