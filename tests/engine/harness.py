@@ -3,7 +3,10 @@ and mismatch reports that say whether a differing token was a numerical near-tie
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
+
+import torch
 
 from transformers import PreTrainedModel
 
@@ -59,3 +62,30 @@ def mismatch_report(target: PreTrainedModel, prompt: list[int], actual: list[int
             f"(engine {actual[index:index + 3]}, target alone {expected[index:index + 3]}, "
             f"len {len(actual)} vs {len(expected)}); target top-2 logit gap there: {gap:.3g}"
             f"{' (a near-tie)' if gap < 1e-5 else ''}")
+
+
+class ConfidenceOverlay:
+    """Wraps a drafter so its proposals carry confidence logits computed by `confidence_logits`
+    from each drafted token's predecessor x_{k-1} (never from the token itself)."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+
+    def add(self, seqs, target_features=None):
+        self.inner.add(seqs, target_features)
+
+    def remove(self, seq_ids):
+        self.inner.remove(seq_ids)
+
+    def on_verified(self, seqs, num_drafted, num_accepted, target_features=None):
+        self.inner.on_verified(seqs, num_drafted, num_accepted, target_features)
+
+    def propose(self, seqs, max_draft_tokens):
+        proposal = self.inner.propose(seqs, max_draft_tokens)
+        anchors = torch.tensor([seq.token_ids[-1] for seq in seqs])[:, None]  # [B, 1]
+        previous = torch.cat([anchors, proposal.draft_token_ids[:, :-1]], dim=1)  # [B, K]: x_{k-1}
+        positions = torch.arange(proposal.draft_token_ids.shape[1])[None, :]  # [1, K]
+        return dataclasses.replace(proposal, confidence_logits=self.confidence_logits(previous, positions))
+
+    def confidence_logits(self, previous: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

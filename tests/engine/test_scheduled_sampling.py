@@ -14,7 +14,7 @@ import torch
 from dspark_ray.core.scheduling import SpsCurve
 from dspark_ray.engine.drafters.scheduled import ConfidenceScheduledDrafter, truncate_proposal
 from dspark_ray.engine.sequence import GenerationRequest
-from harness import make_drafter, make_engine
+from harness import ConfidenceOverlay, make_drafter, make_engine
 from test_sampling_lossless import (
     ALPHA,
     NUM_POSITIONS,
@@ -33,27 +33,11 @@ K = 3
 CURVE = SpsCurve.linear(1.0, 0.001, max_tokens=4096)
 
 
-class PrefixConfidence:
+class PrefixConfidence(ConfidenceOverlay):
     """Draft LM proposals plus confidence logits that depend on the previous token only."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def add(self, seqs, target_features=None):
-        self.inner.add(seqs, target_features)
-
-    def remove(self, seq_ids):
-        self.inner.remove(seq_ids)
-
-    def on_verified(self, seqs, num_drafted, num_accepted, target_features=None):
-        self.inner.on_verified(seqs, num_drafted, num_accepted, target_features)
-
-    def propose(self, seqs, max_draft_tokens):
-        proposal = self.inner.propose(seqs, max_draft_tokens)
-        anchors = torch.tensor([seq.token_ids[-1] for seq in seqs])[:, None]
-        previous = torch.cat([anchors, proposal.draft_token_ids[:, :-1]], dim=1)  # [B, K]: x_{k-1}
-        logits = torch.where(previous % 3 == 0, -2.0, 2.0)  # [B, K]
-        return dataclasses.replace(proposal, confidence_logits=logits)
+    def confidence_logits(self, previous, positions):
+        return torch.where(previous % 3 == 0, -2.0, 2.0)  # [B, K]
 
 
 class PeekingScheduler(PrefixConfidence):

@@ -30,6 +30,7 @@ from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import TargetVerifier
+from harness import ConfidenceOverlay
 
 VOCAB = 96
 K = 5
@@ -50,30 +51,19 @@ def models():
     return target, draft
 
 
-class ConfidentDrafter:
+class ConfidentDrafter(ConfidenceOverlay):
     """A draft LM whose proposals carry confidence logits that depend on the drafted prefix only:
     falling with the position, nudged by the previous token."""
 
     def __init__(self, draft) -> None:
-        self.inner = DraftModelDrafter(draft, K, adaptive="off")
+        super().__init__(DraftModelDrafter(draft, K, adaptive="off"))
         self.proposals: list[DraftProposal] = []
 
-    def add(self, seqs, target_features=None):
-        self.inner.add(seqs, target_features)
-
-    def remove(self, seq_ids):
-        self.inner.remove(seq_ids)
-
-    def on_verified(self, seqs, num_drafted, num_accepted, target_features=None):
-        self.inner.on_verified(seqs, num_drafted, num_accepted, target_features)
+    def confidence_logits(self, previous, positions):
+        return 2.5 - positions.float() + 0.3 * ((previous % 5).float() - 2)  # [B, K]
 
     def propose(self, seqs, max_draft_tokens):
-        proposal = self.inner.propose(seqs, max_draft_tokens)
-        anchors = torch.tensor([seq.token_ids[-1] for seq in seqs])[:, None]  # [B, 1]
-        previous = torch.cat([anchors, proposal.draft_token_ids[:, :-1]], dim=1)  # [B, K]: x_{k-1}
-        positions = torch.arange(proposal.draft_token_ids.shape[1])[None, :]
-        logits = 2.5 - positions.float() + 0.3 * ((previous % 5).float() - 2)  # [B, K]
-        proposal = dataclasses.replace(proposal, confidence_logits=logits)
+        proposal = super().propose(seqs, max_draft_tokens)
         self.proposals.append(proposal)
         return proposal
 
