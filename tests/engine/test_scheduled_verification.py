@@ -3,7 +3,6 @@ stays identical to the target alone; verified draft lengths follow the SPS curve
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
