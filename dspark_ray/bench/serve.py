@@ -213,6 +213,58 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class InProcessBaseline:
+    """The served c=1 level's requests, one at a time, through an engine in this process."""
+
+    def __init__(self, engine_config, prompts: list[str], num_threads: int) -> None:
+        import torch
+
+        from dspark_ray.engine.factory import build_engine, load_models
+
+        torch.set_num_threads(num_threads)
+        models = load_models(engine_config)
+        self.engine = build_engine(engine_config, models)
+        self.prompt_ids = [models.tokenizer.encode(prompt) for prompt in prompts]
+
+    def run(self, num_requests: int, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+        from dspark_ray.engine.sequence import GenerationRequest
+
+        requests = [GenerationRequest(self.prompt_ids[index % len(self.prompt_ids)], max_tokens=max_tokens,
+                                      ignore_eos=ignore_eos) for index in range(num_requests)]
+        self.engine.generate(requests[:1])  # warm-up, like the served levels
+        num_tokens, num_steps, num_accepted = 0, 0, 0
+        start = time.perf_counter()
+        for request in requests:
+            (seq,) = self.engine.generate([request])
+            num_tokens += len(seq.output_token_ids)
+            num_steps += seq.stats.num_steps
+            num_accepted += seq.stats.num_accepted_tokens
+        duration = time.perf_counter() - start
+        return {"concurrency": 1, "num_requests": num_requests, "duration_s": round(duration, 3),
+                "output_tokens_per_s": num_tokens / duration, "num_output_tokens": num_tokens,
+                "mean_acceptance_length": 1 + num_accepted / num_steps if num_steps else None}
+
+
+def served_vs_in_process(url: str, engine_config, prompts: list[str], args: argparse.Namespace,
+                         repetitions: int = 3) -> dict[str, Any]:
+    """Served c=1 and the in-process engine on the same requests, repetitions interleaved; medians."""
+    baseline = InProcessBaseline(engine_config, prompts, args.threads or 1)
+    model = served_model(url)
+    served, local = [], []
+    for _ in range(repetitions):
+        served.append(asyncio.run(run_level(url, model, prompts, 1, args.num_requests, args.max_tokens, 0.0,
+                                            args.ignore_eos))["output_tokens_per_s"])
+        local.append(baseline.run(args.num_requests, args.max_tokens, args.ignore_eos)["output_tokens_per_s"])
+    return {"served_tokens_per_s": served, "in_process_tokens_per_s": local,
+            "ratio": statistics.median(served) / statistics.median(local)}
+
+
+def format_served_vs_in_process(result: dict[str, Any]) -> str:
+    served, local = (statistics.median(result[key]) for key in ("served_tokens_per_s", "in_process_tokens_per_s"))
+    return (f"served c=1 {served:.1f} tok/s vs in-process engine {local:.1f} tok/s (same requests one at a time, "
+            f"medians of {len(result['served_tokens_per_s'])} interleaved runs): {result['ratio']:.2f}x")
+
+
 def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: list[int]) -> dict[str, Any]:
     """Serve speculative and target-only apps side by side on one local Serve; bench one after the other."""
     from ray import serve
@@ -241,9 +293,12 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
             url = f"http://127.0.0.1:{port}/{name}/v1"
             runs[name] = bench(url, prompts, levels, args.num_requests, args.max_tokens, args.temperature,
                                args.ignore_eos, label=name)
+        if args.temperature == 0 and 1 in levels:  # greedy: both sides decode the same tokens
+            runs["served_vs_in_process"] = served_vs_in_process(f"http://127.0.0.1:{port}/speculative/v1", engine,
+                                                                prompts, args)
     finally:
         serve_cli.stop()
-    return {"target_only": runs["target_only"], "speculative": runs["speculative"]}
+    return runs
 
 
 def add_parser(subparsers) -> None:
@@ -282,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
         if args.launch:
             result = launch_and_compare(args, prompts, levels)
             table = compare(result["target_only"], result["speculative"])
+            if "served_vs_in_process" in result:
+                table += "\n" + format_served_vs_in_process(result["served_vs_in_process"])
         else:
             result = bench(args.url, prompts, levels, args.num_requests, args.max_tokens, args.temperature,
                            args.ignore_eos, args.model)

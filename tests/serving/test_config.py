@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from dspark_ray.cli import build_parser
-from dspark_ray.serving.app import build_app, model_server_options, router_options
+from dspark_ray.serving.app import SAME_LOOP_ENV_VARS, build_app, model_server_options, router_options
 from dspark_ray.serving.config import GRPC_SERVICER_FUNCTION, IMPORT_PATH, AppConfig, ServeConfig
 from dspark_ray.serving.serve_cli import serve_config_from_args
 
@@ -93,7 +93,11 @@ def test_deployment_options() -> None:
     distributed = AppConfig(workers={"mode": "distributed", "placement": {"tp": 2}}, model_server_num_gpus=1)
     options = model_server_options(distributed)
     assert "placement_group_bundles" not in options  # the replica reserves its workers itself
-    assert options["ray_actor_options"] == {"num_cpus": 1.0}  # and coordinates only
+    assert options["ray_actor_options"]["num_cpus"] == 1.0  # and coordinates only
+    assert "num_gpus" not in options["ray_actor_options"]
+    for deployment_options in (options, model_server_options(local), router_options(local)):
+        # no blocking calls on these replicas' event loops: Serve may run them on its main loop
+        assert deployment_options["ray_actor_options"]["runtime_env"]["env_vars"] == SAME_LOOP_ENV_VARS
 
 
 def test_build_app_binds_router_to_model_server() -> None:
