@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from dspark_ray.core.sampling import SamplingTensors, logits_to_probs
 from dspark_ray.engine.sequence import Sequence
 
 TargetFeatures = dict[int, torch.Tensor]  # seq_id -> [N, L*H] captured target states of newly cached tokens
+# Maps processed draft distributions [B, V] to the ones drafts are sampled from (and reported in the
+# proposal); the serving layer rounds them to what it can send exactly (`codec.quantize`).
+DraftProbsTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def draft_distributions(logits: torch.Tensor, sampling: SamplingTensors,
+                        transform: DraftProbsTransform | None) -> torch.Tensor:  # [B, V] -> [B, V]
+    """What a drafting step samples from: the logits processed like the target's, then `transform`."""
+    probs = logits_to_probs(logits[:, None], sampling)[:, 0]
+    return probs if transform is None else transform(probs)
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,11 @@ adapts per sequence ('confidence': stop once the draft doubts its own token; 'he
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers import PreTrainedModel
 
-from dspark_ray.core.sampling import SamplingTensors, logits_to_probs, sample_from_probs
-from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
+from dspark_ray.core.sampling import SamplingTensors, sample_from_probs
+from dspark_ray.engine.drafters.base import DraftProbsTransform, DraftProposal, TargetFeatures, draft_distributions
 from dspark_ray.engine.loading import context_limit
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.sequence import Sequence
@@ -23,10 +21,8 @@ from dspark_ray.engine.sequence import Sequence
 class DraftModelDrafter:
     def __init__(self, model: PreTrainedModel, num_speculative_tokens: int, adaptive: str = "confidence",
                  confidence_threshold: float = 0.3, pad_token_id: int = 0,
-                 draft_probs_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 draft_probs_transform: DraftProbsTransform | None = None) -> None:
         self.runner = CausalLMRunner(model, pad_token_id)
-        # Maps each step's processed draft distributions [B, V] to the ones drafts are sampled from
-        # (and reported in the proposal); the serving layer rounds them to what it can send exactly.
         self.draft_probs_transform = draft_probs_transform
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.max_position = context_limit(model)
@@ -57,9 +53,7 @@ class DraftModelDrafter:
                 for seq, budget in zip(seqs, budgets) if budget > 0}
         while feed:
             logits = self._last_logits(feed, seqs)  # [B, V]
-            draft_probs = logits_to_probs(logits[:, None], sampling)[:, 0]  # [B, V]
-            if self.draft_probs_transform is not None:
-                draft_probs = self.draft_probs_transform(draft_probs)
+            draft_probs = draft_distributions(logits, sampling, self.draft_probs_transform)  # [B, V]
             chosen = self._choose(draft_probs, logits, sampling, seqs, feed)  # [B]
             confidence = torch.softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
             next_feed = {}

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import torch
 
-from dspark_ray.core.sampling import SamplingTensors, logits_to_probs, sample_from_probs
+from dspark_ray.core.sampling import SamplingTensors, sample_from_probs
 from dspark_ray.dspark.context_cache import ContextCache
 from dspark_ray.dspark.model import DSparkModel
-from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
+from dspark_ray.engine.drafters.base import DraftProbsTransform, DraftProposal, TargetFeatures, draft_distributions
 from dspark_ray.engine.sequence import Sequence
 
 
 class DSparkDrafter:
-    def __init__(self, model: DSparkModel, num_speculative_tokens: int) -> None:
+    def __init__(self, model: DSparkModel, num_speculative_tokens: int,
+                 draft_probs_transform: DraftProbsTransform | None = None) -> None:
         self.model = model.eval()
+        self.draft_probs_transform = draft_probs_transform
         self.max_draft_tokens = min(num_speculative_tokens, model.block_size)
         self.cache = ContextCache()
         self.vocab_size = model.config.target.vocab_size
@@ -95,7 +97,7 @@ class DSparkDrafter:
             logits, confidence[:, k], state = self.model.head_step(hidden[:, k], base_logits[:, k], prev, state)
             chosen = logits.argmax(dim=-1)  # [b]
             if any_sampled:
-                probs = logits_to_probs(logits[:, None], sampling)[:, 0]  # [b, V]
+                probs = draft_distributions(logits, sampling, self.draft_probs_transform)  # [b, V]
                 draft_probs[:, k] = probs.cpu()
                 for row, seq in enumerate(seqs):
                     # Only rows still drafting draw, so a sequence's RNG never depends on its neighbours.
