@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dspark_ray.config import EngineConfig
-from dspark_ray.dspark.io import load_dspark
+from dspark_ray.dspark.io import load_dspark, read_dspark_config
 from dspark_ray.dspark.model import DSparkModel
 from dspark_ray.engine.drafters.base import Drafter, NoDrafter
 from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
@@ -69,6 +69,14 @@ def capture_layers(config: EngineConfig, models: LoadedModels) -> list[int] | No
     if config.drafter != "dspark":
         return None
     return list(_require_dspark(models).config.target_layer_ids)
+
+
+def feature_layer_ids(config: EngineConfig) -> list[int] | None:
+    """`capture_layers` for a process without the drafter (a target worker): read from the DSpark
+    drafter's config file alone; None unless the drafter is 'dspark'."""
+    if config.drafter != "dspark":
+        return None
+    return list(read_dspark_config(config.draft).target_layer_ids)
 
 
 def _require_dspark(models: LoadedModels) -> DSparkModel:

@@ -1,4 +1,4 @@
-"""The draft worker: one drafter (draft LM, n-gram, ...) and its per-sequence caches, behind gRPC.
+"""The draft worker: one drafter (draft LM, DSpark, n-gram) and its per-sequence caches, behind gRPC.
 
 A plain class; the builder wraps it with `ray.remote` and places it in the draft bundle of the
 replica's placement group (a GPU fraction, or CPU only). Each RPC converts, calls the drafter's
@@ -6,7 +6,10 @@ own verbs (`dspark_ray.engine.drafters.base.Drafter`), converts back. Sampled dr
 from the grid-rounded distribution the coordinator will forward (`codec.quantize`), so what the
 target verifies against is exactly what the drafts were sampled from.
 
-It knows nothing about the target, stop rules or other workers.
+It knows nothing about the target, stop rules or other workers. The one exception is DSpark,
+which borrows the target's token embeddings and lm_head: the worker reads just those tensors from
+the target's checkpoint (`load_hollow_target`), never the target itself, and is fed the target's
+hidden states at the drafter's layers through `Add` and the feedback of `Propose` / `Sync`.
 """
 
 from __future__ import annotations
@@ -16,17 +19,22 @@ import functools
 import grpc
 import ray
 import torch
+from torch import nn
 from transformers import AutoConfig
 
 from dspark_ray.config import EngineConfig
+from dspark_ray.dspark.io import load_dspark
+from dspark_ray.dspark.target_parts_loader import load_hollow_target
 from dspark_ray.engine.drafters.base import Drafter
 from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
+from dspark_ray.engine.drafters.dspark import DSparkDrafter
 from dspark_ray.engine.drafters.ngram import NgramDrafter
 from dspark_ray.engine.factory import schedule_verification
 from dspark_ray.engine.loading import load_causal_lm, load_tokenizer
 from dspark_ray.serving.distributed import codec, convert
 from dspark_ray.serving.distributed.mirror import SequenceMirror
 from dspark_ray.serving.distributed.server import CommandRunner, start_server
+from dspark_ray.serving.distributed.tensor_parallel import parameter_bytes
 from dspark_ray.serving.wire import worker_pb2 as pb
 from dspark_ray.serving.wire import worker_pb2_grpc as pb_grpc
 
@@ -37,16 +45,19 @@ def build_worker_drafter(config: EngineConfig, max_support: int) -> Drafter:
 
 
 def _base_drafter(config: EngineConfig, max_support: int) -> Drafter:
-    pad_token_id = load_tokenizer(config.target).pad_token_id or 0
+    on_grid = functools.partial(codec.quantize, max_support=max_support)  # what the coordinator forwards
     if config.drafter == "model":
+        pad_token_id = load_tokenizer(config.target).pad_token_id or 0
         return DraftModelDrafter(load_causal_lm(config.draft, config.dtype, config.device),
                                  config.num_speculative_tokens, config.adaptive_speculation,
-                                 config.draft_confidence_threshold, pad_token_id,
-                                 draft_probs_transform=functools.partial(codec.quantize, max_support=max_support))
+                                 config.draft_confidence_threshold, pad_token_id, draft_probs_transform=on_grid)
+    if config.drafter == "dspark":  # checked against the target's signature, fingerprint included
+        hollow_target = load_hollow_target(config.target, config.dtype, config.device)
+        return DSparkDrafter(load_dspark(config.draft, hollow_target, config.dtype), config.num_speculative_tokens,
+                             draft_probs_transform=on_grid)
     if config.drafter == "ngram":  # one-hot distributions are on the grid already
         vocab_size = AutoConfig.from_pretrained(config.target, local_files_only=True).vocab_size
         return NgramDrafter(vocab_size, config.ngram_max, config.ngram_min)
-    # 'dspark' borrows the target's embeddings and lm_head and needs its features: not on workers yet.
     raise ValueError(f"drafter {config.drafter!r} is not available on a draft worker")
 
 
@@ -64,6 +75,15 @@ class DraftWorker:
 
     def shutdown(self) -> None:
         self.server.stop(grace=None)
+
+    def target_parameter_bytes(self) -> int:
+        """Bytes of target parameters this process holds: DSpark's borrowed embeddings and lm_head
+        (once when tied), 0 for other drafters."""
+        drafter = getattr(self.drafter, "drafter", self.drafter)  # inside a ConfidenceScheduledDrafter
+        if not isinstance(drafter, DSparkDrafter):
+            return 0
+        parts = drafter.model.target
+        return parameter_bytes(nn.ModuleList([parts.embedding, parts.lm_head])).total
 
     # --- commands (one at a time, see CommandRunner) ---
 

@@ -5,8 +5,10 @@ sequences. Rank 0 receives a command, broadcasts it (verb + serialized request) 
 control group, and then every rank applies it: identical cache operations and one forward, whose
 collectives keep the ranks in lockstep. Only rank 0 rebuilds draft distributions and applies the
 lossless rule (`TargetVerifier.add` / `verify`); the others run the forward halves (`prefill` /
-`score`). A plain class; the builder wraps it with `ray.remote`, one actor per rank, packed in the
-replica's placement group.
+`score`). With a DSpark drafter, rank 0 also captures the target's hidden states at the drafter's
+layers and returns them with each result, for the coordinator to forward to the draft worker. A
+plain class; the builder wraps it with `ray.remote`, one actor per rank, packed in the replica's
+placement group.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.distributed as dist
 
 from dspark_ray.config import EngineConfig
 from dspark_ray.engine.drafters.base import DraftProposal
+from dspark_ray.engine.factory import feature_layer_ids
 from dspark_ray.engine.loading import load_tokenizer, vocab_size
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.verifier import TargetVerifier
@@ -69,7 +72,10 @@ class TargetWorker:
             self.backend = check_group(self.engine_config.device)
         model = load_target_shard(self.engine_config, self.world_size, sharding)
         pad_token_id = load_tokenizer(self.engine_config.target).pad_token_id or 0
-        self.verifier = TargetVerifier(CausalLMRunner(model, pad_token_id))
+        # Rank 0 answers, so only it captures the layers a DSpark drafter needs: the residual stream
+        # between decoder layers is whole on every rank (sharded blocks all-reduce their outputs).
+        capture = feature_layer_ids(self.engine_config) if self.rank == 0 else None
+        self.verifier = TargetVerifier(CausalLMRunner(model, pad_token_id, capture))
         self.vocab_size = vocab_size(model)
         if self.rank == 0:
             self.server, self._address = start_server(pb_grpc.add_TargetWorkerServicer_to_server, _Servicer(self),

@@ -76,25 +76,34 @@ def local_outputs() -> Callable[[EngineConfig, list[GenerationRequest]], list[li
 
 
 @pytest.fixture(scope="session")
-def distributed_engines(ray_session, tiny) -> Iterator[Callable[..., tuple]]:
-    """distributed_engines(arch, drafter, **placement) -> (engine, decode, config), each built once per
-    session (worker start-up dominates these tests) and shut down at its end."""
+def engines_for(ray_session) -> Iterator[Callable[..., tuple]]:
+    """engines_for(config, **placement) -> (engine, decode), each built once per session (worker
+    start-up dominates these tests) and shut down at its end."""
     from dspark_ray.serving.distributed import WorkerPlacement, build_distributed_engine
 
     built: dict[tuple, tuple] = {}
 
-    def get(arch: str, drafter: str, **placement) -> tuple:
-        key = (arch, drafter, tuple(sorted(placement.items())))
+    def get(config: EngineConfig, **placement) -> tuple:
+        key = (config.model_dump_json(), tuple(sorted(placement.items())))
         if key not in built:
-            config = engine_config(tiny(arch), drafter)
             settings = {"startup_timeout_s": 180, "target_timeout_s": 30, "draft_timeout_s": 10, **placement}
-            engine, decode = build_distributed_engine(config, WorkerPlacement(**settings))
-            built[key] = (engine, decode, config)
+            built[key] = build_distributed_engine(config, WorkerPlacement(**settings))
         return built[key]
 
     yield get
-    for engine, _, _ in built.values():
+    for engine, _ in built.values():
         engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def distributed_engines(engines_for, tiny) -> Callable[..., tuple]:
+    """distributed_engines(arch, drafter, **placement) -> (engine, decode, config) on the tiny pair."""
+
+    def get(arch: str, drafter: str, **placement) -> tuple:
+        config = engine_config(tiny(arch), drafter)
+        return (*engines_for(config, **placement), config)
+
+    return get
 
 
 def engine_config(models: TinyModels, drafter: str, **overrides) -> EngineConfig:
