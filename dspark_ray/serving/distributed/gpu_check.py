@@ -3,9 +3,9 @@
     python -m dspark_ray.serving.distributed.gpu_check            # CUDA: bf16, nccl, workers on the GPU
     python -m dspark_ray.serving.distributed.gpu_check --cpu      # fp32, gloo, CPU workers (smoke test)
 
-Builds two model instances through `build_distributed_engine` (speculative with the draft LM, and
-target-only), serves the same greedy prompts through the `ModelServer` coordinator at each
-concurrency (configurations interleaved over `--rounds` rounds, medians reported), and prints: output tokens/s (speculative pipelined, speculative unpipelined,
+Builds two model instances through `build_distributed_engine` (speculative with the draft LM, or
+with the DSpark drafter under `--drafter dspark`, and target-only), serves the same greedy prompts
+through the `ModelServer` coordinator at each concurrency (configurations interleaved over `--rounds` rounds, medians reported), and prints: output tokens/s (speculative pipelined, speculative unpipelined,
 target-only), the speedup, mean acceptance length, the busy/idle time of the target and draft
 workers, bytes on the wire per generated token, and whether every speculative output equals the
 target-only one. On one GPU the target group has one rank: its nccl process group is created and
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_TARGET_DIR, REFERENCE_DIR, EngineConfig
+from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_TARGET_DIR, REFERENCE_DIR, EngineConfig
 from dspark_ray.engine.loading import load_tokenizer
 from dspark_ray.serving.distributed.builder import DistributedEngine, build_distributed_engine
 from dspark_ray.serving.distributed.placement import WorkerPlacement
@@ -51,7 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="fp32 on CPU with gloo (a smoke test of the same path)")
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR)
-    parser.add_argument("--draft", type=Path, default=DEFAULT_DRAFT_DIR)
+    parser.add_argument("--drafter", choices=["model", "dspark"], default="model",
+                        help="drafter of the speculative engine")
+    parser.add_argument("--draft", type=Path, default=None,
+                        help="draft directory (default: the bundled draft LM, or DSpark drafter with --drafter dspark)")
     parser.add_argument("--prompts", type=Path, default=REFERENCE_DIR / "prompts" / "heldout.jsonl")
     parser.add_argument("--tp", type=int, default=1, help="target ranks (one GPU each on CUDA)")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrent requests")
@@ -70,19 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available() and not args.cpu
     if not ray.is_initialized():
         ray.init(include_dashboard=False, **({} if on_gpu else {"num_gpus": 0}))
-    common = dict(target=args.target, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
+    draft = args.draft or (DEFAULT_DSPARK_DIR if args.drafter == "dspark" else DEFAULT_DRAFT_DIR)
+    common = dict(target=args.target, draft=draft, num_speculative_tokens=args.num_speculative_tokens,
                   dtype="bfloat16" if on_gpu else "float32", device="cuda" if on_gpu else "cpu", max_batch_size=64)
     placement = gpu_placement(args.tp) if on_gpu else WorkerPlacement(tp=args.tp)
     tokenizer = load_tokenizer(args.target)
     prompts = [tokenizer.encode(json.loads(line)["prompt"]) for line in args.prompts.read_text().splitlines()
                if line.strip()][: args.num_prompts]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    print(f"device {'cuda' if on_gpu else 'cpu'}, {placement.resolved_backend}, tp {args.tp}, "
+    print(f"device {'cuda' if on_gpu else 'cpu'}, {placement.resolved_backend}, tp {args.tp}, drafter {args.drafter}, "
           f"{len(prompts)} prompts x {args.max_tokens} tokens, concurrency {concurrencies}", flush=True)
 
     engines = {}
     try:
-        for name, drafter in (("target-only", "none"), ("speculative", "model")):
+        for name, drafter in (("target-only", "none"), ("speculative", args.drafter)):
             engines[name] = build_distributed_engine(EngineConfig(drafter=drafter, **common), placement)
             print(f"{name}: target ranks {[summary(info) for info in describe(engines[name][0])]}", flush=True)
             serve(*engines[name], prompts[:2], 8, 2)  # warm-up (allocators, kernels)
