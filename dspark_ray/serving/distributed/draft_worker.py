@@ -62,9 +62,12 @@ def _base_drafter(config: EngineConfig, max_support: int) -> Drafter:
 
 
 class DraftWorker:
-    def __init__(self, engine_config: EngineConfig, draft_probs_max_support: int, num_threads: int = 1) -> None:
+    def __init__(self, engine_config: EngineConfig, draft_probs_max_support: int, num_threads: int = 1,
+                 look_ahead: bool = False) -> None:
         torch.set_num_threads(num_threads)
         self.drafter = build_worker_drafter(engine_config, draft_probs_max_support)
+        # Within-request pipelining: draft past each proposal while the target verifies it.
+        self.look_ahead = look_ahead and hasattr(self.drafter, "look_ahead")
         self.mirror = SequenceMirror()
         self.runner = CommandRunner()
         self.server, self._address = start_server(pb_grpc.add_DraftWorkerServicer_to_server, _Servicer(self),
@@ -85,6 +88,10 @@ class DraftWorker:
         parts = drafter.model.target
         return parameter_bytes(nn.ModuleList([parts.embedding, parts.lm_head])).total
 
+    def look_ahead_counts(self) -> tuple[int, int]:
+        """(sequences looked ahead for, proposals that reused a look-ahead) so far."""
+        return (getattr(self.drafter, "num_look_aheads", 0), getattr(self.drafter, "num_look_ahead_hits", 0))
+
     # --- commands (one at a time, see CommandRunner) ---
 
     def add(self, request: pb.DraftAddRequest) -> pb.DraftAddResponse:
@@ -97,6 +104,8 @@ class DraftWorker:
         seqs = self.mirror.get(item.seq_id for item in request.items)
         self.mirror.reseed(seqs, [item.seed for item in request.items])
         proposal = self.drafter.propose(seqs, [item.max_draft_tokens for item in request.items])
+        if self.look_ahead:
+            self.runner.run_after_this_command(functools.partial(self.drafter.look_ahead, seqs))
         return pb.ProposeResponse(drafts=convert.proposal_to_wire(proposal, seqs))
 
     def sync(self, request: pb.DraftSyncRequest) -> pb.SyncResponse:

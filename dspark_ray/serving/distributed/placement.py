@@ -44,6 +44,12 @@ class WorkerPlacement(BaseModel):
         "auto", description="'on': split running sequences into two micro-batches and draft one while the target "
                             "verifies the other; 'off': propose and verify back to back; 'auto': time both on live "
                             "traffic and keep the faster (overlap loses where both workers share a few CPU cores).")
+    look_ahead: bool = Field(
+        False, description="Within-request pipelining: while the target verifies a greedy draft, the draft worker "
+                           "keeps drafting as if all of it were accepted, and the next proposal reuses that when "
+                           "verification agrees (draft LM drafter; yields at once to the next command). Off by "
+                           "default: it helps one or two sequences at a time and costs CPU time at high load "
+                           "(`dspark-ray bench distributed`).")
     inline_sync: bool = Field(
         True, description="Send committed tokens inside the next propose/verify command instead of a separate "
                           "Sync command after each step (one round trip less per step).")

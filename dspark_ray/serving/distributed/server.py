@@ -1,13 +1,15 @@
 """The gRPC side of a worker actor: a server on a free port, one command at a time, busy/idle clock.
 
 A worker serves its commands strictly one after another (the coordinator never overlaps two
-commands to one worker, and the lock makes sure of it). `CommandClock` measures the time spent
-executing commands and the time spent waiting between them: the idle time the pipelined
-coordinator exists to drive down.
+commands to one worker, and the lock makes sure of it). Between commands a worker may run
+background work (the draft worker's look-ahead) that yields as soon as a command arrives.
+`CommandClock` measures the time spent executing commands and background work, and the time spent
+waiting: the idle time the pipelined coordinator and the look-ahead exist to drive down.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -18,6 +20,8 @@ from contextlib import contextmanager
 import grpc
 
 from dspark_ray.serving.distributed.mirror import SequenceStateError
+
+logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -33,7 +37,8 @@ class CommandClock:
         self._lock = threading.Lock()
 
     @contextmanager
-    def command(self):
+    def command(self, counted: bool = True):
+        """Time one command (`counted`) or a piece of background work (busy, not a command)."""
         start = time.perf_counter()
         try:
             yield
@@ -43,7 +48,7 @@ class CommandClock:
                 if self._last_end is not None:
                     self.idle_s += start - self._last_end
                 self.busy_s += end - start
-                self.num_commands += 1
+                self.num_commands += counted
                 self._last_end = end
 
     def reset(self) -> None:
@@ -58,15 +63,45 @@ class CommandRunner:
     def __init__(self) -> None:
         self.clock = CommandClock()
         self._lock = threading.Lock()
+        self._num_waiting = 0  # commands waiting for the lock: background work yields to them
+        self._waiting_lock = threading.Lock()
+        self._num_finished = 0  # commands run so far: background work is for the state one left
+        self._background = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="between-commands")
 
     def run(self, context: grpc.ServicerContext, command: Callable, *args):
-        with self._lock, self.clock.command():
+        self._count_waiting(+1)
+        with self._lock:
+            self._count_waiting(-1)
             try:
-                return command(*args)
+                with self.clock.command():
+                    return command(*args)
             except SequenceStateError as error:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
             except Exception as error:  # noqa: BLE001 - reported to the coordinator, which decides
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+            finally:
+                self._num_finished += 1
+
+    def run_after_this_command(self, work: Callable[[Callable[[], bool]], None]) -> None:
+        """From inside a command: run `work(should_stop)` once it has finished, unless another
+        command comes first. `should_stop()` turns true as soon as a command is waiting, and work
+        must then return promptly (it holds the command lock)."""
+        state = self._num_finished + 1  # the count once the calling command has finished
+        self._background.submit(self._run_background, work, state)
+
+    def _run_background(self, work: Callable[[Callable[[], bool]], None], state: int) -> None:
+        with self._lock:
+            if self._num_finished != state or self._num_waiting:
+                return
+            try:
+                with self.clock.command(counted=False):
+                    work(lambda: self._num_waiting > 0)
+            except Exception:  # noqa: BLE001 - background work is optional; the next command re-syncs
+                logger.exception("background work between commands failed")
+
+    def _count_waiting(self, change: int) -> None:
+        with self._waiting_lock:
+            self._num_waiting += change
 
 
 def start_server(add_servicer: Callable, servicer, host: str) -> tuple[grpc.Server, str]:

@@ -131,7 +131,8 @@ class DraftWorkerHandle(_Supervised):
             num_cpus=placement.draft_num_cpus, num_gpus=placement.draft_num_gpus,
             resources=dict(placement.draft_resources), max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement.draft_bundle_index),
-        ).remote(self.engine_config, placement.draft_probs_max_support, placement.num_threads_per_worker)
+        ).remote(self.engine_config, placement.draft_probs_max_support, placement.num_threads_per_worker,
+                 placement.look_ahead)
         try:
             return [actor], ray.get(actor.address.remote(), timeout=placement.startup_timeout_s)
         except Exception:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import PROMPTS, greedy_requests, outputs
+from conftest import PROMPTS, engine_config, greedy_requests, outputs
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.sequence import GenerationRequest
 
@@ -113,3 +113,24 @@ def test_bytes_on_the_wire_per_generated_token(distributed, case: Case, record_p
     assert greedy.num_generated_tokens == len(PROMPTS) * 20
     assert greedy.bytes_per_generated_token < 200  # ids only, no histories resent
     assert sampled.bytes_per_generated_token < 64 * 6 * 4  # sparse distributions, never [V] floats
+
+
+@pytest.mark.parametrize("pipelining", ["off", "on"])
+def test_look_ahead_keeps_the_output_and_is_reused(engines_for, tiny, local_outputs, pipelining) -> None:
+    """The draft worker drafts past each proposal while the target verifies it. With the target
+    as its own draft LM every draft is kept and the bonus guessed right, so proposals reuse the
+    look-ahead; the output stays the in-process engine's."""
+    import ray
+
+    models = tiny("llama")
+    config = engine_config(models, "model", adaptive_speculation="off").model_copy(update={"draft": models.target_dir})
+    engine, _ = engines_for(config, look_ahead=True)
+    engine.pipelining = pipelining
+    try:
+        before = ray.get(engine.draft.actors[0].look_ahead_counts.remote())
+        assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
+        num_look_aheads, num_hits = (after - earlier for after, earlier in
+                                     zip(ray.get(engine.draft.actors[0].look_ahead_counts.remote()), before))
+        assert num_look_aheads > 0 and num_hits > 0
+    finally:
+        engine.pipelining = "auto"
