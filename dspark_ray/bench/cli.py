@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspark_ray.bench import offline, serve
+from dspark_ray.bench import distributed, offline, serve
 
 
 def add_parser(subparsers) -> None:
@@ -10,3 +10,4 @@ def add_parser(subparsers) -> None:
     benches = parser.add_subparsers(dest="bench", required=True)
     offline.add_parser(benches)
     serve.add_parser(benches)
+    distributed.add_parser(benches)
