@@ -70,6 +70,15 @@ class EngineConfig(FrozenModel):
             "'confidence'; default: <target>_profile.json next to the target directory."
         ),
     )
+    load_aware_drafting: bool = Field(
+        True,
+        description=(
+            "Time steps with and without drafting at each batch size (powers of two) and draft only where "
+            "it commits more tokens per second, so speculation never runs slower than the target alone by "
+            "more than the exploration costs. Greedy sequences only: sampled ones always draft, so their "
+            "seeded outputs never depend on timing. Off: always draft."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

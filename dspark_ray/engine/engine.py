@@ -12,9 +12,11 @@ through the optional `decode` of the stop rules.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from dspark_ray.engine.drafters.base import DraftProposal, Drafter
+from dspark_ray.engine.governor import DraftingPolicy
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import Verifier, VerifyOutput
@@ -22,8 +24,10 @@ from dspark_ray.engine.verifier import Verifier, VerifyOutput
 
 class SpeculativeEngine:
     def __init__(self, verifier: Verifier, drafter: Drafter, stop_rules: StopRules,
-                 num_speculative_tokens: int, max_batch_size: int = 32) -> None:
+                 num_speculative_tokens: int, max_batch_size: int = 32, governor: DraftingPolicy | None = None
+                 ) -> None:
         self.verifier = verifier
+        self.governor = governor  # None: greedy sequences always draft
         self.drafter = drafter
         self.stop_rules = stop_rules
         self.num_speculative_tokens = num_speculative_tokens
@@ -53,8 +57,15 @@ class SpeculativeEngine:
         admitted = {seq.seq_id for seq in self.admit()}
         speculating = [seq for seq in self.running if seq.seq_id not in admitted]
         if speculating:
-            proposal = self.propose(speculating)
+            drafting = self.governor is None or self.governor.drafting(len(speculating))
+            before, start = sum(seq.num_tokens for seq in speculating), time.perf_counter()
+            proposal = self.propose(speculating, drafting)
             self.commit(speculating, proposal, self.verifier.verify(speculating, proposal))
+            # Not recorded: steps with a prefill (its time would blur the rate) and drafting steps
+            # that drafted nothing (a drafter that is down says nothing about drafting).
+            if self.governor is not None and not admitted and (not drafting or bool(proposal.num_draft_tokens.any())):
+                self.governor.record(len(speculating), drafting, sum(seq.num_tokens for seq in speculating) - before,
+                                     time.perf_counter() - start)
         return self.retire()
 
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
@@ -84,8 +95,12 @@ class SpeculativeEngine:
         self.drafter.add([seq for seq in admitted if not seq.is_finished], output.target_features)
         return admitted
 
-    def propose(self, seqs: list[Sequence]) -> DraftProposal:
-        return self.drafter.propose(seqs, [self._draft_budget(seq) for seq in seqs])
+    def propose(self, seqs: list[Sequence], drafting: bool = True) -> DraftProposal:
+        """Drafts for `seqs`; with `drafting` off, for sampled sequences only (see engine.governor)."""
+        budgets = [self._draft_budget(seq) if drafting or not seq.request.sampling.is_greedy else 0 for seq in seqs]
+        if not any(budgets):
+            return DraftProposal.empty(len(seqs))
+        return self.drafter.propose(seqs, budgets)
 
     def commit(self, seqs: list[Sequence], proposal: DraftProposal, output: VerifyOutput) -> None:
         """Append what the verifier kept (stop rules apply), then bring target and drafter in line."""

@@ -15,6 +15,7 @@ from dspark_ray.engine.drafters.dspark import DSparkDrafter
 from dspark_ray.engine.drafters.ngram import NgramDrafter
 from dspark_ray.engine.drafters.scheduled import ConfidenceScheduledDrafter
 from dspark_ray.engine.engine import SpeculativeEngine
+from dspark_ray.engine.governor import SpeculationGovernor
 from dspark_ray.engine.loading import (check_shared_vocabulary, context_limit, load_causal_lm,
                                        load_tokenizer, vocab_size)
 from dspark_ray.engine.runner import CausalLMRunner
@@ -50,7 +51,13 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
         stop_rules,
         config.num_speculative_tokens,
         config.max_batch_size,
+        drafting_governor(config),
     )
+
+
+def drafting_governor(config: EngineConfig) -> SpeculationGovernor | None:
+    """The load-aware drafting switch, unless there is nothing to switch or it is turned off."""
+    return SpeculationGovernor() if config.load_aware_drafting and config.drafter != "none" else None
 
 
 def build_drafter(config: EngineConfig, models: LoadedModels, pad_token_id: int) -> Drafter:

@@ -22,8 +22,8 @@ def looking_ahead(engine, should_stop=lambda: False):
     """`engine` with a look-ahead after every proposal; returns it."""
     propose = engine.propose
 
-    def propose_then_look_ahead(seqs):
-        proposal = propose(seqs)
+    def propose_then_look_ahead(seqs, drafting=True):
+        proposal = propose(seqs, drafting)
         engine.drafter.look_ahead(seqs, should_stop)
         return proposal
 

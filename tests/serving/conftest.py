@@ -77,7 +77,9 @@ def model_dirs() -> ModelDirs:
 
 @pytest.fixture(scope="session")
 def engine_config(model_dirs: ModelDirs) -> EngineConfig:
-    return EngineConfig(target=model_dirs.target, draft=model_dirs.draft, drafter="model")
+    # Always drafting: tests compare per-request speculation stats across runs, which the
+    # load-aware governor would make depend on timing (outputs never do).
+    return EngineConfig(target=model_dirs.target, draft=model_dirs.draft, drafter="model", load_aware_drafting=False)
 
 
 @pytest.fixture(scope="session")

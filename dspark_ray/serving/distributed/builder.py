@@ -17,6 +17,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from dspark_ray.config import EngineConfig
 from dspark_ray.engine.drafters.base import Drafter, NoDrafter
+from dspark_ray.engine.factory import drafting_governor
 from dspark_ray.engine.loading import load_tokenizer
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.serving.distributed.pipeline import PipelinedEngine
@@ -103,8 +104,8 @@ def build_distributed_engine(engine_config: EngineConfig, placement: WorkerPlace
                                                                       placement.inline_sync)
     engine = DistributedEngine(verifier, drafter, coordinator_stop_rules(engine_config, decode),
                                engine_config.num_speculative_tokens, engine_config.max_batch_size,
-                               pipelining=placement.pipelining, group=group, target=target, draft=draft, meter=meter,
-                               rpc_timeout_s=placement.target_timeout_s)
+                               drafting_governor(engine_config), pipelining=placement.pipelining, group=group,
+                               target=target, draft=draft, meter=meter, rpc_timeout_s=placement.target_timeout_s)
     return engine, decode
 
 

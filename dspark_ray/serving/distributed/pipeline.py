@@ -21,7 +21,6 @@ live traffic (`PipeliningChooser`) and keeps the faster; "on" and "off" force on
 from __future__ import annotations
 
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +28,7 @@ from typing import Literal
 from dspark_ray.engine.drafters.base import DraftProposal
 from dspark_ray.engine.engine import SpeculativeEngine
 from dspark_ray.engine.sequence import Sequence
+from dspark_ray.engine.strategy_chooser import StrategyChooser
 
 Pipelining = Literal["auto", "on", "off"]
 
@@ -39,41 +39,8 @@ class MicroBatch:
     proposal: DraftProposal  # rows in the order of seqs
 
 
-class PipeliningChooser:
-    """Explore both strategies for `window` steps each, then exploit the one that committed more
-    tokens per second for `exploit_windows` windows, then explore again (traffic changes)."""
-
-    def __init__(self, window: int = 8, exploit_windows: int = 16) -> None:
-        self.window = window
-        self.exploit_windows = exploit_windows
-        self.rates: dict[bool, float] = {}  # tokens/s of the last exploration, by pipelined
-        self._plan: deque[bool] = deque()
-        self._exploring = False
-        self._totals = {True: [0, 0.0], False: [0, 0.0]}  # tokens, seconds while exploring
-
-    def next_mode(self) -> bool:
-        if not self._plan:
-            self._replan()
-        return self._plan.popleft()
-
-    def record(self, pipelined: bool, num_tokens: int, seconds: float) -> None:
-        if self._exploring:
-            self._totals[pipelined][0] += num_tokens
-            self._totals[pipelined][1] += seconds
-
-    @property
-    def preferred(self) -> bool | None:
-        return None if len(self.rates) < 2 else self.rates[True] > self.rates[False]
-
-    def _replan(self) -> None:
-        if self._exploring:
-            self.rates = {mode: tokens / max(seconds, 1e-9) for mode, (tokens, seconds) in self._totals.items()}
-            self._totals = {True: [0, 0.0], False: [0, 0.0]}
-            self._exploring = False
-            self._plan.extend([self.preferred] * (self.window * self.exploit_windows))
-        else:
-            self._exploring = True
-            self._plan.extend([False] * self.window + [True] * self.window)
+class PipeliningChooser(StrategyChooser):
+    """Pipelining on (True) or off (False), whichever commits more tokens per second."""
 
 
 class PipelinedEngine(SpeculativeEngine):

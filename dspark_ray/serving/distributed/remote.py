@@ -224,7 +224,8 @@ class RemoteDrafter:
         for seq, drafted, accepted in zip(seqs, num_drafted, num_accepted):
             message = pb.VerifyFeedback(seq_id=seq.seq_id, num_draft_tokens=drafted, num_accepted_tokens=accepted)
             if target_features is not None:
-                message.target_features.CopyFrom(convert.tensor_to_wire(target_features[seq.seq_id]))
+                features = _after_unsent(self.feedback.get(seq.seq_id), target_features[seq.seq_id])
+                message.target_features.CopyFrom(convert.tensor_to_wire(features))
             self.feedback[seq.seq_id] = message
         if self.inline_sync:
             return
@@ -279,3 +280,11 @@ class RemoteDrafter:
             return None
         self.meter.record(f"draft.{verb}", request, response)
         return response
+
+
+def _after_unsent(unsent: pb.VerifyFeedback | None, features: torch.Tensor) -> torch.Tensor:
+    """`features` preceded by those of an earlier verification the worker has not heard of yet
+    (steps without a proposal, e.g. drafting governed off). Both hold committed tokens only."""
+    if unsent is None or not unsent.HasField("target_features"):
+        return features
+    return torch.cat([convert.tensor_from_wire(unsent.target_features), features])

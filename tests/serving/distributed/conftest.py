@@ -107,8 +107,10 @@ def distributed_engines(engines_for, tiny) -> Callable[..., tuple]:
 
 
 def engine_config(models: TinyModels, drafter: str, **overrides) -> EngineConfig:
-    return EngineConfig(target=models.target_dir, draft=models.draft_dir, drafter=drafter, num_speculative_tokens=4,
-                        **overrides)
+    # Always drafting: on the tiny pair the governor would soon (rightly) turn drafting off, and
+    # these tests are about the drafting machinery; test_governor_is_wired covers the default.
+    settings = {"num_speculative_tokens": 4, "load_aware_drafting": False, **overrides}
+    return EngineConfig(target=models.target_dir, draft=models.draft_dir, drafter=drafter, **settings)
 
 
 def greedy_requests(max_tokens: int = MAX_TOKENS) -> list[GenerationRequest]:

@@ -134,3 +134,20 @@ def test_look_ahead_keeps_the_output_and_is_reused(engines_for, tiny, local_outp
         assert num_look_aheads > 0 and num_hits > 0
     finally:
         engine.pipelining = "auto"
+
+
+def test_governor_is_wired(engines_for, tiny, local_outputs) -> None:
+    """With load-aware drafting (the default) the distributed engine has a governor, which measures
+    both modes on the tiny pair; the output stays the in-process engine's."""
+    from dspark_ray.engine.governor import SpeculationGovernor
+
+    config = engine_config(tiny("llama"), "model", load_aware_drafting=True)
+    engine, _ = engines_for(config)
+    assert isinstance(engine.governor, SpeculationGovernor)
+    engine.pipelining = "off"
+    try:
+        for _ in range(3):
+            assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
+        assert any(len(rates) == 2 for rates in engine.governor.rates().values())
+    finally:
+        engine.pipelining = "auto"

@@ -1,0 +1,52 @@
+"""Load-aware speculation: draft only at the batch sizes where drafting pays.
+
+Whether drafting pays depends on the load. At batch 1 a target forward costs about the same for 1
+or 9 tokens per sequence, so drafts are nearly free to verify; at high batch sizes the target (or
+the drafter) becomes compute-bound and verifying drafts can cost more than it returns. vLLM turns
+speculation off above a fixed batch size; the governor measures instead: per batch-size bucket
+(powers of two), a `StrategyChooser` times steps with and without drafting and keeps whichever
+commits more tokens per second. Drafting off is the target alone: never different, and never
+slower than it by more than the exploration costs.
+
+Only greedy sequences are governed: a sampled sequence's random draws follow its drafts, so
+switching its drafting on timing would make seeded outputs depend on the machine's speed.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from dspark_ray.engine.strategy_chooser import StrategyChooser
+
+
+class DraftingPolicy(Protocol):
+    def drafting(self, batch_size: int) -> bool:
+        """Whether greedy sequences draft in the next step of `batch_size` sequences."""
+
+    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
+        """How that step went: tokens committed and seconds taken (admission steps excluded)."""
+
+
+class SpeculationGovernor:
+    def __init__(self, window: int = 4, exploit_windows: int = 16, max_exploit_windows: int = 64) -> None:
+        self.window = window
+        self.exploit_windows = exploit_windows
+        self.max_exploit_windows = max_exploit_windows
+        self.choosers: dict[int, StrategyChooser] = {}  # by bucket: the batch size rounded up to a power of 2
+
+    def drafting(self, batch_size: int) -> bool:
+        return self._chooser(batch_size).next_mode()
+
+    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
+        self._chooser(batch_size).record(drafted, num_tokens, seconds)
+
+    def rates(self) -> dict[int, dict[bool, float]]:
+        """Tokens/s with (True) and without (False) drafting at the last exploration, by bucket."""
+        return {bucket: dict(chooser.rates) for bucket, chooser in sorted(self.choosers.items()) if chooser.rates}
+
+    def _chooser(self, batch_size: int) -> StrategyChooser:
+        bucket = 1 << max(0, batch_size - 1).bit_length()
+        if bucket not in self.choosers:
+            self.choosers[bucket] = StrategyChooser(self.window, self.exploit_windows, self.max_exploit_windows,
+                                                    explore_first=True)
+        return self.choosers[bucket]

@@ -1,0 +1,61 @@
+"""Pick the faster of two step strategies online, by committed tokens per second.
+
+Used for pipelining on or off (`serving.distributed.pipeline`) and for drafting on or off at each
+load level (`engine.governor`). Each exploration runs both strategies for `window` steps, then the
+faster one runs for `exploit_windows` windows, then both are explored again (traffic changes). A
+decisive winner (faster by more than `decisive`) doubles the next exploitation, up to
+`max_exploit_windows`, so a clear choice soon costs little exploration; a close call resets it.
+An exploration only ends once both strategies have recorded steps.
+Explorations start with `explore_first`, the strategy expected to win.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class StrategyChooser:
+    def __init__(self, window: int = 8, exploit_windows: int = 16, max_exploit_windows: int | None = None,
+                 decisive: float = 1.2, explore_first: bool = False) -> None:
+        self.window = window
+        self.explore_first = explore_first  # the strategy each exploration starts with
+        self.base_exploit_windows = self.exploit_windows = exploit_windows
+        self.max_exploit_windows = exploit_windows if max_exploit_windows is None else max_exploit_windows
+        self.decisive = decisive
+        self.rates: dict[bool, float] = {}  # tokens/s of the last exploration, by strategy
+        self._plan: deque[bool] = deque()
+        self._exploring = False
+        self._totals = {True: [0, 0.0], False: [0, 0.0]}  # tokens, seconds while exploring
+
+    def next_mode(self) -> bool:
+        if not self._plan:
+            self._replan()
+        return self._plan.popleft()
+
+    def record(self, mode: bool, num_tokens: int, seconds: float) -> None:
+        if self._exploring:
+            self._totals[mode][0] += num_tokens
+            self._totals[mode][1] += seconds
+
+    @property
+    def preferred(self) -> bool | None:
+        return None if len(self.rates) < 2 else self.rates[True] > self.rates[False]
+
+    def _replan(self) -> None:
+        if self._exploring and any(seconds == 0 for _, seconds in self._totals.values()):
+            self._explore()  # a strategy went unmeasured (its steps were not recorded): explore on
+        elif self._exploring:
+            self.rates = {mode: tokens / max(seconds, 1e-9) for mode, (tokens, seconds) in self._totals.items()}
+            self._totals = {True: [0, 0.0], False: [0, 0.0]}
+            self._exploring = False
+            slower, faster = sorted(self.rates.values())
+            decisive = faster > self.decisive * slower
+            self.exploit_windows = (min(2 * self.exploit_windows, self.max_exploit_windows) if decisive
+                                    else self.base_exploit_windows)
+            self._plan.extend([self.preferred] * (self.window * self.exploit_windows))
+        else:
+            self._exploring = True
+            self._explore()
+
+    def _explore(self) -> None:
+        self._plan.extend([self.explore_first] * self.window + [not self.explore_first] * self.window)

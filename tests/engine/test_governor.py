@@ -1,0 +1,107 @@
+"""Load-aware drafting: the strategy chooser, the governor's batch-size buckets, and an engine whose
+drafting is switched on and off under it (never a changed token, never a changed sampled draw)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dspark_ray.core.sampling import SamplingParams
+from dspark_ray.engine.governor import SpeculationGovernor
+from dspark_ray.engine.sequence import GenerationRequest
+from dspark_ray.engine.strategy_chooser import StrategyChooser
+from harness import make_drafter, make_engine
+from test_greedy_identity import MAX_TOKENS, PROMPTS, assert_matches_target_alone
+
+
+def explore(chooser: StrategyChooser, rate: dict[bool, float]) -> list[bool]:
+    """One exploration, recording `rate[mode]` tokens per second; returns the modes run."""
+    modes = [chooser.next_mode() for _ in range(2 * chooser.window)]
+    for mode in modes:
+        chooser.record(mode, num_tokens=int(rate[mode]), seconds=1.0)
+    return modes
+
+
+def exploit(chooser: StrategyChooser) -> list[bool]:
+    """The exploitation run that follows an exploration."""
+    run = [chooser.next_mode()]  # the exploration's verdict sets the length of this run
+    return run + [chooser.next_mode() for _ in range(chooser.window * chooser.exploit_windows - 1)]
+
+
+def test_a_decisive_winner_earns_longer_exploitation_and_a_close_call_resets_it() -> None:
+    chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=4, explore_first=True)
+    runs = []
+    for rates in [{True: 30, False: 10}] * 3 + [{True: 10, False: 11}]:
+        assert explore(chooser, rates) == [True, True, False, False]
+        run = exploit(chooser)
+        assert len(set(run)) == 1
+        runs.append((run[0], len(run)))
+    assert runs == [(True, 4), (True, 8), (True, 8), (False, 2)]  # doubled, capped, reset
+
+
+def test_governor_learns_each_batch_size_bucket_on_its_own() -> None:
+    governor = SpeculationGovernor(window=1, exploit_windows=2)
+    for batch_size, drafting_pays in ((1, True), (16, False)):
+        for _ in range(2):  # one exploration: both modes once
+            drafted = governor.drafting(batch_size)
+            governor.record(batch_size, drafted, num_tokens=3 if drafted == drafting_pays else 1, seconds=1.0)
+        assert [governor.drafting(batch_size) for _ in range(2)] == [drafting_pays] * 2
+    assert governor.drafting(9) is False  # 9..16 share the bucket of 16
+    assert sorted(governor.rates()) == [1, 16]
+
+
+class Alternating:
+    """A drafting policy that turns drafting off every other step (deterministic, for tests)."""
+
+    def __init__(self) -> None:
+        self._modes = itertools.cycle([True, False])
+        self.recorded: list[tuple[bool, int]] = []
+
+    def drafting(self, batch_size: int) -> bool:
+        return next(self._modes)
+
+    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
+        self.recorded.append((drafted, num_tokens))
+
+
+@pytest.mark.parametrize("drafter", ["model-off", "ngram", "echo"])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_drafting_switched_on_and_off_keeps_the_output(tiny, reference, arch, drafter) -> None:
+    models = tiny(arch)
+    policy = Alternating()
+    engine = make_engine(models.target, make_drafter(drafter, models.target, models.draft, 3), 3)
+    engine.governor = policy
+
+    seqs = engine.generate([GenerationRequest(list(p), max_tokens=n) for p, n in zip(PROMPTS, MAX_TOKENS)])
+
+    assert_matches_target_alone(tiny, reference, arch, seqs, PROMPTS, MAX_TOKENS)
+    off_steps = [num_tokens for drafted, num_tokens in policy.recorded if not drafted]
+    assert off_steps and all(num_tokens <= len(PROMPTS) for num_tokens in off_steps)  # one token per sequence
+    if drafter == "echo":  # drafting steps emit several tokens per sequence
+        assert max(num_tokens for drafted, num_tokens in policy.recorded if drafted) > len(PROMPTS)
+
+
+def test_sampled_sequences_are_never_governed(tiny) -> None:
+    """Their random draws follow their drafts: the same seed gives the same text whatever the policy."""
+    models = tiny("llama")
+    sampled = [GenerationRequest([5, 6, 7], SamplingParams(temperature=0.9, seed=seed), max_tokens=16)
+               for seed in (1, 2)]
+
+    def run(policy):
+        engine = make_engine(models.target, make_drafter("model-off", models.target, models.draft, 3), 3)
+        engine.governor = policy
+        return [seq.output_token_ids for seq in engine.generate(sampled + [GenerationRequest([9, 9], max_tokens=16)])]
+
+    assert run(Alternating()) == run(None)
+
+
+def test_an_unmeasured_strategy_keeps_the_exploration_going() -> None:
+    """Steps that are not recorded (a drafter that is down) must not count as a slow strategy."""
+    chooser = StrategyChooser(window=1, exploit_windows=1, explore_first=True)
+    for mode in [chooser.next_mode() for _ in range(2)]:
+        if not mode:
+            chooser.record(mode, num_tokens=1, seconds=1.0)
+    assert [chooser.next_mode() for _ in range(2)] == [True, False]  # explores again
+    chooser.record(True, num_tokens=5, seconds=1.0)
+    assert chooser.next_mode() is True and chooser.rates == {True: 5.0, False: 1.0}
