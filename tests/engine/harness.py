@@ -4,6 +4,7 @@ and mismatch reports that say whether a differing token was a numerical near-tie
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -89,3 +90,17 @@ class ConfidenceOverlay:
 
     def confidence_logits(self, previous: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class Alternating:
+    """A drafting policy that turns drafting off every other step (deterministic, for tests)."""
+
+    def __init__(self) -> None:
+        self._modes = itertools.cycle([True, False])
+        self.recorded: list[tuple[bool, int]] = []
+
+    def drafting(self, batch_size: int) -> bool:
+        return next(self._modes)
+
+    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
+        self.recorded.append((drafted, num_tokens))

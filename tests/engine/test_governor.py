@@ -3,15 +3,13 @@ drafting is switched on and off under it (never a changed token, never a changed
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.governor import SpeculationGovernor
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.engine.strategy_chooser import StrategyChooser
-from harness import make_drafter, make_engine
+from harness import Alternating, make_drafter, make_engine
 from test_greedy_identity import MAX_TOKENS, PROMPTS, assert_matches_target_alone
 
 
@@ -49,20 +47,6 @@ def test_governor_learns_each_batch_size_bucket_on_its_own() -> None:
         assert [governor.drafting(batch_size) for _ in range(2)] == [drafting_pays] * 2
     assert governor.drafting(9) is False  # 9..16 share the bucket of 16
     assert sorted(governor.rates()) == [1, 16]
-
-
-class Alternating:
-    """A drafting policy that turns drafting off every other step (deterministic, for tests)."""
-
-    def __init__(self) -> None:
-        self._modes = itertools.cycle([True, False])
-        self.recorded: list[tuple[bool, int]] = []
-
-    def drafting(self, batch_size: int) -> bool:
-        return next(self._modes)
-
-    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
-        self.recorded.append((drafted, num_tokens))
 
 
 @pytest.mark.parametrize("drafter", ["model-off", "ngram", "echo"])

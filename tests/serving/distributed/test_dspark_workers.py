@@ -35,8 +35,10 @@ def dspark_config(tp: int) -> EngineConfig:
     # TP 1 runs the confidence schedule on the worker (the bundled target's SPS profile and the
     # drafter's calibration.json); TP 2 verifies every draft.
     schedule = "confidence" if tp == 1 else "fixed"
+    # Always drafting (no governor): the tests compare acceptance with the in-process engine.
     return EngineConfig(target=DEFAULT_TARGET_DIR, draft=DEFAULT_DSPARK_DIR, drafter="dspark",
-                        num_speculative_tokens=8, max_batch_size=8, verification_schedule=schedule)
+                        num_speculative_tokens=8, max_batch_size=8, verification_schedule=schedule,
+                        load_aware_drafting=False)
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +169,26 @@ def test_worker_drafter_samples_from_the_distributions_it_reports(prompts, refer
     assert proposal.num_draft_tokens.tolist() == [8] * len(seqs)
     assert torch.equal(proposal.draft_probs, codec.quantize(proposal.draft_probs, 2))
     assert bool((proposal.draft_probs.gather(-1, proposal.draft_token_ids[..., None]) > 0).all())
+
+
+def test_features_of_steps_without_drafts_reach_the_worker(distributed, prompts, local_outputs, tp: int) -> None:
+    """Drafting switched off every other step: the target features of those steps travel with the
+    next proposal (concatenated, never overwritten), so DSpark keeps drafting, as well as in-process."""
+    from harness import Alternating
+
+    if tp > 1:
+        pytest.skip("the feedback path is the same at any TP")
+    engine, config = distributed
+    engine.pipelining, engine.governor = "off", Alternating()
+    try:
+        seqs = engine.generate(greedy(prompts))
+    finally:
+        engine.pipelining, engine.governor = "auto", None
+    local = build_engine(config, load_models(config))
+    local.governor = Alternating()
+    in_process = local.generate(greedy(prompts))
+
+    assert [seq.output_token_ids for seq in seqs] == local_outputs(config.model_copy(update={"drafter": "none"}),
+                                                                  greedy(prompts))
+    accepted, local_accepted = (sum(s.stats.num_accepted_tokens for s in run) for run in (seqs, in_process))
+    assert accepted > 0 and abs(accepted - local_accepted) <= 0.2 * local_accepted
