@@ -27,6 +27,7 @@ from dspark_ray.config import EngineConfig
 from dspark_ray.engine.loading import DTYPES, load_causal_lm
 
 Sharding = Literal["auto", "manual"]
+CONTROL_TIMEOUT = timedelta(days=365)  # "never" for the command channel of an idle group
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,12 @@ class ParameterBytes:
 
 
 def init_group(env: RankEnvironment, backend: str, timeout_s: float) -> dist.ProcessGroup:
-    """Join the group; returns the gloo group that carries commands (the world group under gloo)."""
+    """Join the group (its collectives time out after `timeout_s`); returns the gloo group that
+    carries commands, whose waits do not time out: a follower rank waits there for the next command
+    however long the replica idles (a dead rank 0 still ends the wait: its connections close)."""
     env.export()
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
-    return dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
 def check_group(device: str) -> str:

@@ -1,5 +1,6 @@
 """Worker faults: a dead draft worker costs speed, never output; a dead target rank fails the
-affected requests with an error, and the replica recovers; client aborts leak no sequences."""
+affected requests with an error, and the replica recovers; client aborts leak no sequences; an
+idle tensor-parallel group is no fault."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pytest
 import ray
 
-from conftest import PROMPTS, greedy_requests, outputs
+from conftest import PROMPTS, engine_config, greedy_requests, outputs
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.serving.model_server import ModelServer
 from dspark_ray.serving.protocol import CompletionRequest
@@ -115,3 +116,14 @@ def test_killed_target_rank_fails_its_requests_and_the_replica_recovers(tp2, loc
     expected = local_outputs(_target_only(config), [GenerationRequest(PROMPTS[0], max_tokens=20)])[0]
     assert [token for delta in after for token in delta.token_ids] == expected
     assert engine.target.num_restarts == 1
+
+
+def test_an_idle_tensor_parallel_group_outlives_its_command_timeout(engines_for, tiny, local_outputs) -> None:
+    """Followers wait for the next command however long the replica idles; only the collectives of a
+    command are bounded by target_timeout_s."""
+    config = engine_config(tiny("llama"), "none")
+    engine, _ = engines_for(config, tp=2, target_timeout_s=3)
+    time.sleep(5)
+    requests = greedy_requests(max_tokens=4)
+    assert outputs(engine.generate(requests)) == local_outputs(config, requests)
+    assert engine.target.num_restarts == 0
