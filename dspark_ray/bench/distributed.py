@@ -2,8 +2,8 @@
 
 One distributed engine per variant is built on a local Ray cluster (target worker + draft worker
 each, all resident at once); then for every concurrency level the variants take turns, repetition
-after repetition, each keeping `concurrency` greedy requests in flight until `num_requests` have
-finished. Reported per variant and level: median output tokens/s, mean acceptance length, and the
+after repetition, each keeping `concurrency` greedy requests in flight until `num_requests` (at least 4 x
+concurrency, so that the batch stays full and no tail of stragglers dominates) have finished. Reported per variant and level: median output tokens/s, mean acceptance length, and the
 idle fraction of the target and draft workers (the number pipelining exists to drive down).
 
 Variants: `target_only` (drafter none), `sequential` (propose, then verify), `pipelined` (across
@@ -91,9 +91,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             run_level(engine, requests[:2], 2)
         for level in args.levels:
             runs: dict[str, list] = {name: [] for name in engines}
+            level_requests = (requests * (1 + 4 * level // len(requests)))[: max(len(requests), 4 * level)]
             for _ in range(args.repetitions):
                 for name, engine in engines.items():
-                    runs[name].append(run_level(engine, requests, level))
+                    runs[name].append(run_level(engine, level_requests, level))
             results["levels"][level] = {name: summarize(reps) for name, reps in runs.items()}
             print(format_level(level, results["levels"][level]), file=sys.stderr, flush=True)
     finally:
@@ -126,7 +127,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("distributed", help="the engine on worker actors: step strategies compared",
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
-    parser.add_argument("--num-requests", type=int, default=16, help="requests per level and repetition")
+    parser.add_argument("--num-requests", type=int, default=16,
+                        help="requests per level and repetition (at least 4 x the concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=3, help="interleaved runs per variant; medians")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))

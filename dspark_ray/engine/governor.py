@@ -28,7 +28,7 @@ class DraftingPolicy(Protocol):
 
 
 class SpeculationGovernor:
-    def __init__(self, window: int = 4, exploit_windows: int = 16, max_exploit_windows: int = 64) -> None:
+    def __init__(self, window: int = 8, exploit_windows: int = 4, max_exploit_windows: int = 256) -> None:
         self.window = window
         self.exploit_windows = exploit_windows
         self.max_exploit_windows = max_exploit_windows
@@ -48,5 +48,5 @@ class SpeculationGovernor:
         bucket = 1 << max(0, batch_size - 1).bit_length()
         if bucket not in self.choosers:
             self.choosers[bucket] = StrategyChooser(self.window, self.exploit_windows, self.max_exploit_windows,
-                                                    explore_first=True)
+                                                    explore_first=True, interleave=True)
         return self.choosers[bucket]

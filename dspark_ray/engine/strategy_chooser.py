@@ -3,10 +3,13 @@
 Used for pipelining on or off (`serving.distributed.pipeline`) and for drafting on or off at each
 load level (`engine.governor`). Each exploration runs both strategies for `window` steps, then the
 faster one runs for `exploit_windows` windows, then both are explored again (traffic changes). A
-decisive winner (faster by more than `decisive`) doubles the next exploitation, up to
-`max_exploit_windows`, so a clear choice soon costs little exploration; a close call resets it.
+winner that wins again doubles the next exploitation, up to `max_exploit_windows`, so a settled
+choice soon costs little exploration while an early, noisy verdict is soon re-examined; a change
+of winner resets it.
 An exploration only ends once both strategies have recorded steps.
-Explorations start with `explore_first`, the strategy expected to win.
+Explorations start with `explore_first`, the strategy expected to win; with `interleave` they
+alternate step by step, so both strategies see the same stretch of traffic (switching must then be
+cheap: it is for drafting, not for pipelining, which drains a micro-batch).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from collections import deque
 
 class StrategyChooser:
     def __init__(self, window: int = 8, exploit_windows: int = 16, max_exploit_windows: int | None = None,
-                 decisive: float = 1.2, explore_first: bool = False) -> None:
+                 explore_first: bool = False, interleave: bool = False) -> None:
         self.window = window
         self.explore_first = explore_first  # the strategy each exploration starts with
+        self.interleave = interleave  # explore step by step in turn, not in two blocks
         self.base_exploit_windows = self.exploit_windows = exploit_windows
         self.max_exploit_windows = exploit_windows if max_exploit_windows is None else max_exploit_windows
-        self.decisive = decisive
         self.rates: dict[bool, float] = {}  # tokens/s of the last exploration, by strategy
         self._plan: deque[bool] = deque()
         self._exploring = False
@@ -45,17 +48,17 @@ class StrategyChooser:
         if self._exploring and any(seconds == 0 for _, seconds in self._totals.values()):
             self._explore()  # a strategy went unmeasured (its steps were not recorded): explore on
         elif self._exploring:
+            previous = self.preferred
             self.rates = {mode: tokens / max(seconds, 1e-9) for mode, (tokens, seconds) in self._totals.items()}
             self._totals = {True: [0, 0.0], False: [0, 0.0]}
             self._exploring = False
-            slower, faster = sorted(self.rates.values())
-            decisive = faster > self.decisive * slower
-            self.exploit_windows = (min(2 * self.exploit_windows, self.max_exploit_windows) if decisive
-                                    else self.base_exploit_windows)
+            self.exploit_windows = (min(2 * self.exploit_windows, self.max_exploit_windows)
+                                    if self.preferred == previous else self.base_exploit_windows)
             self._plan.extend([self.preferred] * (self.window * self.exploit_windows))
         else:
             self._exploring = True
             self._explore()
 
     def _explore(self) -> None:
-        self._plan.extend([self.explore_first] * self.window + [not self.explore_first] * self.window)
+        first, second = [self.explore_first] * self.window, [not self.explore_first] * self.window
+        self._plan.extend([mode for pair in zip(first, second) for mode in pair] if self.interleave else first + second)

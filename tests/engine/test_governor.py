@@ -27,19 +27,24 @@ def exploit(chooser: StrategyChooser) -> list[bool]:
     return run + [chooser.next_mode() for _ in range(chooser.window * chooser.exploit_windows - 1)]
 
 
-def test_a_decisive_winner_earns_longer_exploitation_and_a_close_call_resets_it() -> None:
+def test_a_repeated_winner_earns_longer_exploitation_and_a_new_one_resets_it() -> None:
     chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=4, explore_first=True)
     runs = []
-    for rates in [{True: 30, False: 10}] * 3 + [{True: 10, False: 11}]:
+    for rates in [{True: 30, False: 10}] * 4 + [{True: 10, False: 11}]:
         assert explore(chooser, rates) == [True, True, False, False]
         run = exploit(chooser)
         assert len(set(run)) == 1
         runs.append((run[0], len(run)))
-    assert runs == [(True, 4), (True, 8), (True, 8), (False, 2)]  # doubled, capped, reset
+    assert runs == [(True, 2), (True, 4), (True, 8), (True, 8), (False, 2)]  # doubled, capped, reset
+
+
+def test_interleaved_exploration_alternates_step_by_step() -> None:
+    chooser = StrategyChooser(window=3, explore_first=True, interleave=True)
+    assert [chooser.next_mode() for _ in range(6)] == [True, False] * 3
 
 
 def test_governor_learns_each_batch_size_bucket_on_its_own() -> None:
-    governor = SpeculationGovernor(window=1, exploit_windows=2)
+    governor = SpeculationGovernor(window=1, exploit_windows=3)
     for batch_size, drafting_pays in ((1, True), (16, False)):
         for _ in range(2):  # one exploration: both modes once
             drafted = governor.drafting(batch_size)
