@@ -5,7 +5,8 @@ load level (`engine.governor`). Each exploration runs both strategies for `windo
 faster one runs for `exploit_windows` windows, then both are explored again (traffic changes). A
 winner that wins again doubles the next exploitation, up to `max_exploit_windows`, so a settled
 choice soon costs little exploration while an early, noisy verdict is soon re-examined; a change
-of winner resets it.
+of winner resets it. A decisive verdict (faster by more than `decisive` times) goes straight to
+the longest exploitation.
 An exploration only ends once both strategies have recorded steps.
 Explorations start with `explore_first`, the strategy expected to win; with `interleave` they
 alternate step by step, so both strategies see the same stretch of traffic (switching must then be
@@ -19,10 +20,11 @@ from collections import deque
 
 class StrategyChooser:
     def __init__(self, window: int = 8, exploit_windows: int = 16, max_exploit_windows: int | None = None,
-                 explore_first: bool = False, interleave: bool = False) -> None:
+                 explore_first: bool = False, interleave: bool = False, decisive: float = float("inf")) -> None:
         self.window = window
         self.explore_first = explore_first  # the strategy each exploration starts with
         self.interleave = interleave  # explore step by step in turn, not in two blocks
+        self.decisive = decisive
         self.base_exploit_windows = self.exploit_windows = exploit_windows
         self.max_exploit_windows = exploit_windows if max_exploit_windows is None else max_exploit_windows
         self.rates: dict[bool, float] = {}  # tokens/s of the last exploration, by strategy
@@ -52,8 +54,13 @@ class StrategyChooser:
             self.rates = {mode: tokens / max(seconds, 1e-9) for mode, (tokens, seconds) in self._totals.items()}
             self._totals = {True: [0, 0.0], False: [0, 0.0]}
             self._exploring = False
-            self.exploit_windows = (min(2 * self.exploit_windows, self.max_exploit_windows)
-                                    if self.preferred == previous else self.base_exploit_windows)
+            slower, faster = sorted(self.rates.values())
+            if faster > self.decisive * slower:
+                self.exploit_windows = self.max_exploit_windows
+            elif self.preferred == previous:
+                self.exploit_windows = min(2 * self.exploit_windows, self.max_exploit_windows)
+            else:
+                self.exploit_windows = self.base_exploit_windows
             self._plan.extend([self.preferred] * (self.window * self.exploit_windows))
         else:
             self._exploring = True

@@ -38,6 +38,12 @@ def test_a_repeated_winner_earns_longer_exploitation_and_a_new_one_resets_it() -
     assert runs == [(True, 2), (True, 4), (True, 8), (True, 8), (False, 2)]  # doubled, capped, reset
 
 
+def test_a_decisive_verdict_goes_straight_to_the_longest_exploitation() -> None:
+    chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=8, decisive=1.5)
+    explore(chooser, {True: 10, False: 16})
+    assert exploit(chooser) == [False] * 16
+
+
 def test_interleaved_exploration_alternates_step_by_step() -> None:
     chooser = StrategyChooser(window=3, explore_first=True, interleave=True)
     assert [chooser.next_mode() for _ in range(6)] == [True, False] * 3
