@@ -8,7 +8,9 @@ idle fraction of the target and draft workers (the number pipelining exists to d
 
 Variants: `target_only` (drafter none), `sequential` (propose, then verify), `pipelined` (across
 requests: two micro-batches, one drafted while the other is verified), `look_ahead` (within a
-request: the draft worker drafts past the proposal while the target verifies it).
+request: the draft worker drafts past the proposal while the target verifies it), all three
+drafting at every step; and `load_aware` (sequential with the default load-aware drafting, which
+drafts only at the batch sizes where it measured that drafting pays).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-VARIANTS = {  # name -> (drafter none?, WorkerPlacement fields)
-    "target_only": (True, {"pipelining": "off", "look_ahead": False}),
-    "sequential": (False, {"pipelining": "off", "look_ahead": False}),
-    "pipelined": (False, {"pipelining": "on", "look_ahead": False}),
-    "look_ahead": (False, {"pipelining": "off", "look_ahead": True}),
+ALWAYS = {"load_aware_drafting": False}  # the step strategies are compared drafting at every step
+VARIANTS = {  # name -> (EngineConfig overrides, WorkerPlacement fields)
+    "target_only": ({"drafter": "none"}, {"pipelining": "off", "look_ahead": False}),
+    "sequential": (ALWAYS, {"pipelining": "off", "look_ahead": False}),
+    "pipelined": (ALWAYS, {"pipelining": "on", "look_ahead": False}),
+    "look_ahead": (ALWAYS, {"pipelining": "off", "look_ahead": True}),
+    "load_aware": ({}, {"pipelining": "off", "look_ahead": False}),  # the default: governed drafting
 }
 
 
@@ -58,9 +62,8 @@ def build_variants(args: argparse.Namespace, names: list[str]) -> dict[str, Any]
 
     engines = {}
     for name in names:
-        target_only, fields = VARIANTS[name]
-        config = engine_config_from_args(args, max_batch_size=max(args.levels),
-                                         **({"drafter": "none"} if target_only else {}))
+        overrides, fields = VARIANTS[name]
+        config = engine_config_from_args(args, max_batch_size=max(args.levels), **overrides)
         placement = WorkerPlacement(tp=args.tp, num_threads_per_worker=args.threads or 1, **fields)
         engines[name], _ = build_distributed_engine(config, placement)
         print(f"built {name}", file=sys.stderr, flush=True)
