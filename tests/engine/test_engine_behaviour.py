@@ -182,7 +182,8 @@ def short_context(tmp_path_factory):
 
 def test_context_limit_ends_with_length_and_never_exceeds_positions(short_context, monkeypatch):
     config = EngineConfig(target=short_context / "target", draft=short_context / "draft", drafter="model",
-                          num_speculative_tokens=6, adaptive_speculation="off")
+                          num_speculative_tokens=6, adaptive_speculation="off",
+                          load_aware_drafting=False)  # draft at every step: this is about the draft's limit
     models = load_models(config)
     engine = build_engine(config, models)
     overruns = []  # (tokens a cache would hold, its model's positions) whenever the first exceeds the second
