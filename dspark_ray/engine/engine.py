@@ -61,9 +61,9 @@ class SpeculativeEngine:
             before, start = sum(seq.num_tokens for seq in speculating), time.perf_counter()
             proposal = self.propose(speculating, drafting)
             self.commit(speculating, proposal, self.verifier.verify(speculating, proposal))
-            # Not recorded: steps with a prefill (its time would blur the rate) and drafting steps
-            # that drafted nothing (a drafter that is down says nothing about drafting).
-            if self.governor is not None and not admitted and (not drafting or bool(proposal.num_draft_tokens.any())):
+            # Timed after admission (a prefill would blur the rate); not recorded: drafting steps that
+            # drafted nothing (a drafter that is down says nothing about drafting).
+            if self.governor is not None and (not drafting or bool(proposal.num_draft_tokens.any())):
                 self.governor.record(len(speculating), drafting, sum(seq.num_tokens for seq in speculating) - before,
                                      time.perf_counter() - start)
         return self.retire()

@@ -24,7 +24,7 @@ class DraftingPolicy(Protocol):
         """Whether greedy sequences draft in the next step of `batch_size` sequences."""
 
     def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
-        """How that step went: tokens committed and seconds taken (admission steps excluded)."""
+        """How that step went: tokens committed by its drafting and verification, and their seconds."""
 
 
 class SpeculationGovernor:
