@@ -48,5 +48,5 @@ class SpeculationGovernor:
         bucket = 1 << max(0, batch_size - 1).bit_length()
         if bucket not in self.choosers:
             self.choosers[bucket] = StrategyChooser(self.window, self.exploit_windows, self.max_exploit_windows,
-                                                    explore_first=True, interleave=True, decisive=1.5)
+                                                    explore_first=True, decisive=1.5)
         return self.choosers[bucket]

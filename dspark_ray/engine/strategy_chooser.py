@@ -8,9 +8,10 @@ choice soon costs little exploration while an early, noisy verdict is soon re-ex
 of winner resets it. A decisive verdict (faster by more than `decisive` times) goes straight to
 the longest exploitation.
 An exploration only ends once both strategies have recorded steps.
-Explorations start with `explore_first`, the strategy expected to win; with `interleave` they
-alternate step by step, so both strategies see the same stretch of traffic (switching must then be
-cheap: it is for drafting, not for pipelining, which drains a micro-batch).
+Explorations start with `explore_first`, the strategy expected to win. They run in two blocks, not
+alternating step by step: a step can leave costs to the next one (with worker actors, rolling back
+rejected drafts travels with the next command), which alternation would charge to the other
+strategy.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from collections import deque
 
 class StrategyChooser:
     def __init__(self, window: int = 8, exploit_windows: int = 16, max_exploit_windows: int | None = None,
-                 explore_first: bool = False, interleave: bool = False, decisive: float = float("inf")) -> None:
+                 explore_first: bool = False, decisive: float = float("inf")) -> None:
         self.window = window
         self.explore_first = explore_first  # the strategy each exploration starts with
-        self.interleave = interleave  # explore step by step in turn, not in two blocks
         self.decisive = decisive
         self.base_exploit_windows = self.exploit_windows = exploit_windows
         self.max_exploit_windows = exploit_windows if max_exploit_windows is None else max_exploit_windows
@@ -67,5 +67,4 @@ class StrategyChooser:
             self._explore()
 
     def _explore(self) -> None:
-        first, second = [self.explore_first] * self.window, [not self.explore_first] * self.window
-        self._plan.extend([mode for pair in zip(first, second) for mode in pair] if self.interleave else first + second)
+        self._plan.extend([self.explore_first] * self.window + [not self.explore_first] * self.window)

@@ -44,11 +44,6 @@ def test_a_decisive_verdict_goes_straight_to_the_longest_exploitation() -> None:
     assert exploit(chooser) == [False] * 16
 
 
-def test_interleaved_exploration_alternates_step_by_step() -> None:
-    chooser = StrategyChooser(window=3, explore_first=True, interleave=True)
-    assert [chooser.next_mode() for _ in range(6)] == [True, False] * 3
-
-
 def test_governor_learns_each_batch_size_bucket_on_its_own() -> None:
     governor = SpeculationGovernor(window=1, exploit_windows=3)
     for batch_size, drafting_pays in ((1, True), (16, False)):
