@@ -28,7 +28,7 @@ class DraftingPolicy(Protocol):
 
 
 class SpeculationGovernor:
-    def __init__(self, window: int = 8, exploit_windows: int = 4, max_exploit_windows: int = 256) -> None:
+    def __init__(self, window: int = 16, exploit_windows: int = 2, max_exploit_windows: int = 128) -> None:
         self.window = window
         self.exploit_windows = exploit_windows
         self.max_exploit_windows = max_exploit_windows
