@@ -33,6 +33,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "from calibrated confidence and the target's SPS profile; 'fixed' verifies all drafts")
     parser.add_argument("--sps-profile", type=Path, default=None,
                         help="target SPS profile JSON from `dspark-ray profile` (default: <target>_profile.json)")
+    parser.add_argument("--load-aware-drafting", action=argparse.BooleanOptionalAction,
+                        default=EngineConfig.model_fields["load_aware_drafting"].default,
+                        help="per batch size, draft greedy sequences only where timing shows drafting pays")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -42,7 +45,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
     fields = dict(target=args.target, drafter=args.drafter,
                   num_speculative_tokens=args.num_speculative_tokens,
                   adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device,
-                  verification_schedule=args.verification_schedule, sps_profile=args.sps_profile)
+                  verification_schedule=args.verification_schedule, sps_profile=args.sps_profile,
+                  load_aware_drafting=args.load_aware_drafting)
     if args.draft is not None:  # else EngineConfig's default for the drafter kind
         fields["draft"] = args.draft
     return EngineConfig(**{**fields, **overrides})

@@ -56,17 +56,27 @@ class SpeculativeEngine:
         """Advance every sequence by one verification; returns those that finished."""
         admitted = {seq.seq_id for seq in self.admit()}
         speculating = [seq for seq in self.running if seq.seq_id not in admitted]
-        if speculating:
-            drafting = self.governor is None or self.governor.drafting(len(speculating))
-            before, start = sum(seq.num_tokens for seq in speculating), time.perf_counter()
-            proposal = self.propose(speculating, drafting)
-            self.commit(speculating, proposal, self.verifier.verify(speculating, proposal))
-            # Timed after admission (a prefill would blur the rate); not recorded: drafting steps that
-            # drafted nothing (a drafter that is down says nothing about drafting).
-            if self.governor is not None and (not drafting or bool(proposal.num_draft_tokens.any())):
-                self.governor.record(len(speculating), drafting, sum(seq.num_tokens for seq in speculating) - before,
-                                     time.perf_counter() - start)
+        if speculating and self.governor is None:
+            self._speculate(speculating, drafting=True)
+        elif speculating:
+            self._governed_speculation(speculating)
         return self.retire()
+
+    def _speculate(self, seqs: list[Sequence], drafting: bool) -> DraftProposal:
+        proposal = self.propose(seqs, drafting)
+        self.commit(seqs, proposal, self.verifier.verify(seqs, proposal))
+        return proposal
+
+    def _governed_speculation(self, seqs: list[Sequence]) -> None:
+        """Draft or not as the governor says, and tell it the rate. Timed after admission (a prefill
+        would blur the rate); not recorded: drafting steps that drafted nothing (a drafter that is
+        down says nothing about drafting)."""
+        drafting = self.governor.drafting(len(seqs))
+        before, start = sum(seq.num_tokens for seq in seqs), time.perf_counter()
+        proposal = self._speculate(seqs, drafting)
+        if not drafting or bool(proposal.num_draft_tokens.any()):
+            self.governor.record(len(seqs), drafting, sum(seq.num_tokens for seq in seqs) - before,
+                                 time.perf_counter() - start)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
         seqs = [self.add_request(request) for request in requests]

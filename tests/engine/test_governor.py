@@ -95,3 +95,14 @@ def test_an_unmeasured_strategy_keeps_the_exploration_going() -> None:
     assert [chooser.next_mode() for _ in range(2)] == [True, False]  # explores again
     chooser.record(True, num_tokens=5, seconds=1.0)
     assert chooser.next_mode() is True and chooser.rates == {True: 5.0, False: 1.0}
+
+
+def test_the_engine_flags_turn_load_aware_drafting_off() -> None:
+    import argparse
+
+    from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config_from_args(parser.parse_args([])).load_aware_drafting is True
+    assert engine_config_from_args(parser.parse_args(["--no-load-aware-drafting"])).load_aware_drafting is False
