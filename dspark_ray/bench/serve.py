@@ -284,7 +284,7 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
                          app=AppConfig(engine=engine, **capacity))
     # Both apps stay resident (one idles while the other is measured): give Ray logical CPUs for both.
-    serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1))
+    serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1), args.high_throughput)
     try:
         serve.run(build_app(AppConfig(engine=target_only, **capacity)), name="target_only",
                   route_prefix="/target_only")
@@ -303,6 +303,7 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
 
 def add_parser(subparsers) -> None:
     from dspark_ray.generate_cli import add_engine_arguments
+    from dspark_ray.serving.serve_cli import add_high_throughput_argument
 
     parser = subparsers.add_parser("serve", help="load an OpenAI-compatible server at several concurrencies",
                                    description=__doc__.split("\n\n")[0])
@@ -320,6 +321,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--launch", action="store_true",
                         help="start a local Ray Serve with speculative and target-only apps and compare them")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (--launch)")
+    add_high_throughput_argument(parser)
     add_engine_arguments(parser)
     parser.set_defaults(func=run)
 

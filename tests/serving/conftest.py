@@ -89,8 +89,12 @@ def ray_cluster():
         yield ray
         return
     # Logical CPUs: deployments reserve fractions of these; the 2 real cores are shared anyway.
+    from dspark_ray.serving.serve_cli import HIGH_THROUGHPUT_ENV_VARS
+
+    # Serve runs in the mode `dspark-ray serve` starts it in (HAProxy ingress, gRPC between replicas).
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       **HIGH_THROUGHPUT_ENV_VARS}})
     yield ray
     ray.shutdown()
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from dspark_ray.cli import build_parser
 from dspark_ray.serving.app import SAME_LOOP_ENV_VARS, build_app, model_server_options, router_options
 from dspark_ray.serving.config import GRPC_SERVICER_FUNCTION, IMPORT_PATH, AppConfig, ServeConfig
-from dspark_ray.serving.serve_cli import serve_config_from_args
+from dspark_ray.serving.serve_cli import HIGH_THROUGHPUT_ENV_VARS, serve_config_from_args
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -42,6 +42,14 @@ def test_rayservice_embeds_a_serve_config_for_tensor_parallel_workers() -> None:
     assert "dspark_draft" in groups["draft"]["rayStartParams"]["resources"]
     assert set(placement.draft_bundle) == {"GPU", "dspark_draft"}
     assert config.http_host == "0.0.0.0"
+
+
+def test_rayservice_runs_serve_in_high_throughput_mode_on_every_pod() -> None:
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert {e["name"]: e["value"] for e in container["env"]} == HIGH_THROUGHPUT_ENV_VARS
 
 
 def test_both_files_configure_the_same_app_fields() -> None:
@@ -120,6 +128,13 @@ def test_serve_flags() -> None:
                                                 "--grpc-port", "0"))
     assert config.app.workers.mode == "distributed" and config.app.workers.placement.tp == 2
     assert config.app.engine.drafter == "ngram" and config.http_port == 8100 and config.grpc_port is None
+
+
+def test_high_throughput_flag() -> None:
+    assert _serve_args().high_throughput is True
+    assert _serve_args("--no-high-throughput").high_throughput is False
+    bench = build_parser().parse_args(["bench", "serve", "--launch", "--no-high-throughput"])
+    assert bench.high_throughput is False
 
 
 def test_serve_config_file_with_port_override() -> None:

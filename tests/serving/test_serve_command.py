@@ -1,0 +1,61 @@
+"""`dspark-ray serve` as users run it: its own local Ray cluster, the real `openai` client, Ctrl-C.
+
+The command starts Serve in Ray's high-throughput mode (HAProxy ingress, gRPC between replicas)
+unless told `--no-high-throughput`; the test looks for the HAProxy process the mode starts and
+for its absence after shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+from conftest import free_port
+from serving_helpers import haproxy_pids_serving
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT_S = 240
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"no {needle!r} from dspark-ray serve; output:\n{''.join(lines)}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="HAProxy ships for Linux only")
+def test_serve_command_answers_behind_haproxy_and_stops_on_ctrl_c(model_dirs, target_only) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "dspark_ray.cli", "serve", "--target", str(model_dirs.target),
+               "--draft", str(model_dirs.draft), "--port", str(port), "--grpc-port", "0", "--num-cpus", "4"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_for_line(process, "dspark-ray: serving", START_TIMEOUT_S)
+        assert haproxy_pids_serving(port), "high-throughput mode should serve HTTP through HAProxy"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        prompt = "def fibonacci(n):"
+        completion = client.completions.create(model="dspark-reference", prompt=prompt, max_tokens=12,
+                                               temperature=0, extra_body={"return_token_ids": True})
+        expected = target_only.generate(target_only.encode(prompt), 12)
+        assert completion.choices[0].model_extra["token_ids"] == expected
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+        assert not haproxy_pids_serving(port), "Ctrl-C should stop HAProxy with the cluster"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
