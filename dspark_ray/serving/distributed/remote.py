@@ -198,8 +198,11 @@ class RemoteDrafter:
         self.feedback: dict[int, pb.VerifyFeedback] = {}  # verifications the worker has not heard of yet
 
     def add(self, seqs: list[Sequence], target_features: TargetFeatures | None = None) -> None:
+        """Sequences that bring target features (DSpark) are sent now, while the features exist.
+        The others wait for their first proposal, which sends them whole: a sequence that never
+        drafts (drafting governed off) costs the draft worker nothing."""
         connection = self._connect()
-        if connection is not None and seqs:
+        if connection is not None and seqs and target_features is not None:
             self._add(connection, seqs, target_features)
 
     def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:

@@ -84,6 +84,22 @@ def test_drafter_sends_only_new_tokens_and_feedback() -> None:
     assert [(f.seq_id, f.num_draft_tokens, f.num_accepted_tokens) for f in request.feedback] == [(1, 2, 1), (2, 1, 0)]
 
 
+def test_sequences_without_features_reach_the_worker_at_their_first_proposal() -> None:
+    stub = ScriptedStub({"Add": pb.DraftAddResponse(), "Propose": _drafts, "Remove": pb.RemoveResponse()})
+    drafter = RemoteDrafter(FakeHandle(stub), WireMeter(), timeout_s=1.0)
+    drafting, governed_off = _seq(1, [1, 2], [3]), _seq(2, [5], [6])
+    drafter.add([drafting, governed_off])
+    assert stub.calls == []  # nothing to prefill on the worker yet
+    drafting.output_token_ids.append(4)
+    drafter.propose([drafting], [2])
+    (add_verb, add), (propose_verb, _) = stub.calls
+    assert add_verb == "Add" and [list(s.output_token_ids) for s in add.seqs] == [[3, 4]]
+    assert propose_verb == "Propose"
+    drafter.remove([1, 2])
+    verb, remove = stub.calls[-1]
+    assert verb == "Remove" and list(remove.seq_ids) == [1]  # the worker never heard of sequence 2
+
+
 def test_drafter_timeout_goes_target_only_and_reports_the_worker() -> None:
     handle = FakeHandle(ScriptedStub({"Add": pb.DraftAddResponse(),
                                       "Propose": FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED)}))
