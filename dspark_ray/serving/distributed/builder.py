@@ -39,7 +39,9 @@ class WorkerTimes:
 
     @property
     def idle_fraction(self) -> float:
-        return self.idle_s / max(1e-9, self.busy_s + self.idle_s)
+        if self.busy_s == 0:  # no command at all (e.g. drafting governed off): idle throughout
+            return 1.0
+        return self.idle_s / (self.busy_s + self.idle_s)
 
 
 class DistributedEngine(PipelinedEngine):
