@@ -11,7 +11,6 @@ need models are skipped when neither exists. Point `MODEL_ROOTS` elsewhere to te
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from serving_helpers import ALICE_KEY, BOB_KEY, FALLBACK_CHAT_TEMPLATE
 
+from dspark_ray.bench.serve import free_port
 from dspark_ray.config import REFERENCE_DIR, EngineConfig
 from dspark_ray.serving.config import GRPC_SERVICER_FUNCTION, AppConfig
 
@@ -59,12 +59,6 @@ class ServedApp:
         while (active := self.num_active()) and time.monotonic() < deadline:
             time.sleep(0.05)
         return active
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

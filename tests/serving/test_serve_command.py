@@ -15,8 +15,9 @@ import time
 
 import openai
 import pytest
-from conftest import free_port
 from serving_helpers import haproxy_pids_serving
+
+from dspark_ray.bench.serve import free_port
 
 pytestmark = pytest.mark.slow
 
