@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from serving_helpers import ALICE_KEY, BOB_KEY, FALLBACK_CHAT_TEMPLATE
+from serving_helpers import ALICE_KEY, BOB_KEY, FALLBACK_CHAT_TEMPLATE, start_local_ray
 
 from dspark_ray.bench.serve import free_port
 from dspark_ray.config import REFERENCE_DIR, EngineConfig
@@ -82,13 +82,7 @@ def ray_cluster():
     if ray.is_initialized():  # someone in this session already started it: share, do not own
         yield ray
         return
-    # Logical CPUs: deployments reserve fractions of these; the 2 real cores are shared anyway.
-    from dspark_ray.serving.serve_cli import HIGH_THROUGHPUT_ENV_VARS
-
-    # Serve runs in the mode `dspark-ray serve` starts it in (HAProxy ingress, gRPC between replicas).
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                                       **HIGH_THROUGHPUT_ENV_VARS}})
+    start_local_ray()
     yield ray
     ray.shutdown()
 

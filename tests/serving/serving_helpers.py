@@ -25,3 +25,16 @@ def haproxy_pids_serving(port: int) -> list[int]:
         if any(f":{port}" in config.read_text() for config in configs if config.is_file()):
             pids.append(int(entry.name))
     return pids
+
+
+def start_local_ray() -> None:
+    """The session's one local Ray cluster, whichever fixture asks first. Its Serve runs in the mode
+    `dspark-ray serve` starts it in (HAProxy ingress, gRPC between replicas)."""
+    import ray
+
+    from dspark_ray.serving.serve_cli import HIGH_THROUGHPUT_ENV_VARS
+
+    # Logical CPUs: deployments reserve fractions of these; the 2 real cores are shared anyway.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                                       **HIGH_THROUGHPUT_ENV_VARS}})

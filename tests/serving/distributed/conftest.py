@@ -17,6 +17,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine"))  # the engine tests' tiny models
 
+from serving_helpers import start_local_ray  # noqa: E402
 from tiny_models import TinyModels, pair_builder  # noqa: E402
 
 from dspark_ray.config import EngineConfig  # noqa: E402
@@ -48,8 +49,7 @@ def ray_session() -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:  # the same cluster as tests/serving/conftest.py's ray_cluster, whichever starts first
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        start_local_ray()
     yield
     if started:
         ray.shutdown()
