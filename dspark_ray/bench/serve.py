@@ -213,6 +213,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
 class InProcessBaseline:
     """The served c=1 level's requests, one at a time, through an engine in this process."""
 
@@ -284,7 +293,8 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
                          app=AppConfig(engine=engine, **capacity))
     # Both apps stay resident (one idles while the other is measured): give Ray logical CPUs for both.
-    serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1), args.high_throughput)
+    serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1), args.high_throughput,
+                    args.haproxy)
     try:
         serve.run(build_app(AppConfig(engine=target_only, **capacity)), name="target_only",
                   route_prefix="/target_only")

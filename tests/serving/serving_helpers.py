@@ -29,12 +29,12 @@ def haproxy_pids_serving(port: int) -> list[int]:
 
 def start_local_ray() -> None:
     """The session's one local Ray cluster, whichever fixture asks first. Its Serve runs in the mode
-    `dspark-ray serve` starts it in (HAProxy ingress, gRPC between replicas)."""
+    `dspark-ray serve` starts it in by default (high-throughput: gRPC between replicas)."""
     import ray
 
-    from dspark_ray.serving.serve_cli import HIGH_THROUGHPUT_ENV_VARS
+    from dspark_ray.serving.serve_cli import serve_env_vars
 
     # Logical CPUs: deployments reserve fractions of these; the 2 real cores are shared anyway.
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                                       **HIGH_THROUGHPUT_ENV_VARS}})
+                                       **serve_env_vars()}})

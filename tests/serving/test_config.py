@@ -133,6 +133,7 @@ def test_serve_flags() -> None:
 def test_high_throughput_flag() -> None:
     assert _serve_args().high_throughput is True
     assert _serve_args("--no-high-throughput").high_throughput is False
+    assert _serve_args().haproxy is False and _serve_args("--haproxy").haproxy is True
     bench = build_parser().parse_args(["bench", "serve", "--launch", "--no-high-throughput"])
     assert bench.high_throughput is False
 

@@ -12,8 +12,6 @@ import httpx
 import openai
 import pytest
 
-from serving_helpers import haproxy_pids_serving
-
 from dspark_ray.serving.openai_api import ChatMessage
 from dspark_ray.serving.served_model import encode_chat
 
@@ -168,11 +166,6 @@ def test_seeded_sampling_is_reproducible(client, served_app) -> None:
                                          temperature=1.0, top_p=0.95, seed=seed,
                                          extra_body={"top_k": 50, "min_p": 0.01}).choices[0].text
     assert sample(7) == sample(7)
-
-
-def test_served_through_haproxy(served_app, serve_instance) -> None:
-    """The session's Serve runs in the high-throughput mode `dspark-ray serve` uses."""
-    assert haproxy_pids_serving(serve_instance.http_port)
 
 
 def test_models_and_health(client, served_app) -> None:

@@ -1,8 +1,8 @@
 """`dspark-ray serve` as users run it: its own local Ray cluster, the real `openai` client, Ctrl-C.
 
-The command starts Serve in Ray's high-throughput mode (HAProxy ingress, gRPC between replicas)
-unless told `--no-high-throughput`; the test looks for the HAProxy process the mode starts and
-for its absence after shutdown.
+The command starts Serve in Ray's high-throughput mode; with `--haproxy` HAProxy takes the port
+instead of Serve's Python proxy. The test asks for HAProxy, looks for its process while serving
+and for its absence after shutdown.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ def wait_for_line(process: subprocess.Popen, needle: str, timeout_s: float) -> l
 def test_serve_command_answers_behind_haproxy_and_stops_on_ctrl_c(model_dirs, target_only) -> None:
     port = free_port()
     command = [sys.executable, "-m", "dspark_ray.cli", "serve", "--target", str(model_dirs.target),
-               "--draft", str(model_dirs.draft), "--port", str(port), "--grpc-port", "0", "--num-cpus", "4"]
+               "--draft", str(model_dirs.draft), "--port", str(port), "--grpc-port", "0", "--num-cpus", "4", "--haproxy"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         wait_for_line(process, "dspark-ray: serving", START_TIMEOUT_S)
-        assert haproxy_pids_serving(port), "high-throughput mode should serve HTTP through HAProxy"
+        assert haproxy_pids_serving(port), "--haproxy should serve HTTP through HAProxy"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         prompt = "def fibonacci(n):"
         completion = client.completions.create(model="dspark-reference", prompt=prompt, max_tokens=12,
