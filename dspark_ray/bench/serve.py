@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dspark_ray.config import REFERENCE_DIR
+from dspark_ray.serving.ports import free_port
 
 DEFAULT_PROMPTS = REFERENCE_DIR / "prompts" / "heldout.jsonl"
 FALLBACK_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\ndef list_files(path):",
@@ -205,21 +205,6 @@ def read_prompts(path: Path | None) -> list[str]:
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-        return True
 
 
 class InProcessBaseline:

@@ -17,6 +17,7 @@ from pathlib import Path
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
 from dspark_ray.serving.config import AppConfig, ServeConfig, WorkersConfig
 from dspark_ray.serving.distributed.placement import WorkerPlacement
+from dspark_ray.serving.ports import free_port, port_is_free
 
 # Ray Serve's high-throughput mode (Ray >= 2.55): gRPC instead of Ray object references between
 # replicas, user code and request routing on the replicas' main loops, buffered request logs. Set
@@ -33,8 +34,6 @@ HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRIC
 
 def serve_env_vars(high_throughput: bool = True, haproxy: bool = False) -> dict[str, str]:
     """Environment of a fresh local cluster's processes for the chosen Serve mode."""
-    from dspark_ray.bench.serve import free_port, port_is_free
-
     env = dict(HIGH_THROUGHPUT_ENV_VARS) if high_throughput else {}
     if haproxy:
         ports = {name: str(port if port_is_free(port) else free_port()) for name, port in HAPROXY_PORTS.items()}

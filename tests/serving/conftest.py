@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from serving_helpers import ALICE_KEY, BOB_KEY, FALLBACK_CHAT_TEMPLATE, start_local_ray
 
-from dspark_ray.bench.serve import free_port
+from dspark_ray.serving.ports import free_port
 from dspark_ray.config import REFERENCE_DIR, EngineConfig
 from dspark_ray.serving.config import GRPC_SERVICER_FUNCTION, AppConfig
 

@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 # For stand-in tokenizers without one; the bundled tokenizer brings its own.
 FALLBACK_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] "
                           "+ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 ALICE_KEY = "sk-alice-0123456789"  # tiny_app tenant without a quota
 BOB_KEY = "sk-bob-0123456789"  # tiny_app tenant with max_ongoing_requests 1
-
-
-def haproxy_pids_serving(port: int) -> list[int]:
-    """HAProxy processes whose config binds `port` (Serve's high-throughput mode writes one per node)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if not argv or not argv[0].endswith(b"haproxy"):
-            continue
-        configs = [Path(arg.decode()) for arg in argv if arg.endswith(b".cfg")]
-        if any(f":{port}" in config.read_text() for config in configs if config.is_file()):
-            pids.append(int(entry.name))
-    return pids
 
 
 def start_local_ray() -> None:

@@ -12,16 +12,32 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
-from serving_helpers import haproxy_pids_serving
 
-from dspark_ray.bench.serve import free_port
+from dspark_ray.serving.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 240
+
+
+def haproxy_pids_serving(port: int) -> list[int]:
+    """HAProxy processes whose config binds `port` (Serve writes one config per node)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"haproxy"):
+            continue
+        configs = [Path(arg.decode()) for arg in argv if arg.endswith(b".cfg")]
+        if any(f":{port}" in config.read_text() for config in configs if config.is_file()):
+            pids.append(int(entry.name))
+    return pids
 
 
 def wait_for_line(process: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:

@@ -10,7 +10,6 @@ waiting: the idle time the pipelined coordinator and the look-ahead exist to dri
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -111,12 +110,6 @@ def start_server(add_servicer: Callable, servicer, host: str) -> tuple[grpc.Serv
     port = server.add_insecure_port(f"{_bind_host(host)}:0")
     server.start()
     return server, f"{host}:{port}"
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def _bind_host(host: str) -> str:

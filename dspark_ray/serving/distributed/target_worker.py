@@ -30,7 +30,8 @@ from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.verifier import TargetVerifier
 from dspark_ray.serving.distributed import convert
 from dspark_ray.serving.distributed.mirror import SequenceMirror, SequenceStateError
-from dspark_ray.serving.distributed.server import CommandRunner, free_port, start_server
+from dspark_ray.serving.distributed.server import CommandRunner, start_server
+from dspark_ray.serving.ports import free_port
 from dspark_ray.serving.distributed.tensor_parallel import (RankEnvironment, Sharding, check_group, init_group,
                                                             load_target_shard, parameter_bytes)
 from dspark_ray.serving.wire import worker_pb2 as pb
