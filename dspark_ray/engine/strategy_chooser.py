@@ -3,9 +3,9 @@
 Used for pipelining on or off (`serving.distributed.pipeline`) and for drafting on or off at each
 load level (`engine.governor`). Each exploration runs both strategies for `window` steps, then the
 faster one runs for `exploit_windows` windows, then both are explored again (traffic changes). A
-winner that wins again doubles the next exploitation, up to `max_exploit_windows`, so a settled
-choice soon costs little exploration while an early, noisy verdict is soon re-examined; a change
-of winner resets it. A decisive verdict (faster by more than `decisive` times) goes straight to
+winner that wins again multiplies the next exploitation by `growth`, up to `max_exploit_windows`,
+so a settled choice soon costs little exploration while an early, noisy verdict is soon
+re-examined; a change of winner resets it. A decisive verdict (faster by more than `decisive` times) goes straight to
 the longest exploitation.
 An exploration only ends once both strategies have recorded steps.
 Explorations start with `explore_first`, the strategy expected to win. They run in two blocks, not
@@ -21,8 +21,9 @@ from collections import deque
 
 class StrategyChooser:
     def __init__(self, window: int = 8, exploit_windows: int = 16, max_exploit_windows: int | None = None,
-                 explore_first: bool = False, decisive: float = float("inf")) -> None:
+                 explore_first: bool = False, decisive: float = float("inf"), growth: int = 2) -> None:
         self.window = window
+        self.growth = growth
         self.explore_first = explore_first  # the strategy each exploration starts with
         self.decisive = decisive
         self.base_exploit_windows = self.exploit_windows = exploit_windows
@@ -58,7 +59,7 @@ class StrategyChooser:
             if faster > self.decisive * slower:
                 self.exploit_windows = self.max_exploit_windows
             elif self.preferred == previous:
-                self.exploit_windows = min(2 * self.exploit_windows, self.max_exploit_windows)
+                self.exploit_windows = min(self.growth * self.exploit_windows, self.max_exploit_windows)
             else:
                 self.exploit_windows = self.base_exploit_windows
             self._plan.extend([self.preferred] * (self.window * self.exploit_windows))

@@ -27,21 +27,56 @@ def exploit(chooser: StrategyChooser) -> list[bool]:
     return run + [chooser.next_mode() for _ in range(chooser.window * chooser.exploit_windows - 1)]
 
 
-def test_a_repeated_winner_earns_longer_exploitation_and_a_new_one_resets_it() -> None:
-    chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=4, explore_first=True)
+def exploitation_runs(chooser: StrategyChooser, verdicts: list[dict[bool, float]]) -> list[tuple[bool, int]]:
+    """(mode, length) of the exploitation after each exploration, which records `verdicts` in turn."""
     runs = []
-    for rates in [{True: 30, False: 10}] * 4 + [{True: 10, False: 11}]:
+    for rates in verdicts:
         assert explore(chooser, rates) == [True, True, False, False]
         run = exploit(chooser)
         assert len(set(run)) == 1
         runs.append((run[0], len(run)))
+    return runs
+
+
+def test_a_repeated_winner_earns_longer_exploitation_and_a_new_one_resets_it() -> None:
+    chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=4, explore_first=True)
+    runs = exploitation_runs(chooser, [{True: 30, False: 10}] * 4 + [{True: 10, False: 11}])
     assert runs == [(True, 2), (True, 4), (True, 8), (True, 8), (False, 2)]  # doubled, capped, reset
+
+
+def test_exploitation_grows_by_the_given_factor() -> None:
+    chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=32, explore_first=True, growth=4)
+    runs = exploitation_runs(chooser, [{True: 12, False: 10}] * 4)
+    assert runs == [(True, 2), (True, 8), (True, 32), (True, 64)]  # x4, capped at 32 windows of 2
 
 
 def test_a_decisive_verdict_goes_straight_to_the_longest_exploitation() -> None:
     chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=8, decisive=1.5)
     explore(chooser, {True: 10, False: 16})
     assert exploit(chooser) == [False] * 16
+
+
+def governed_runs(governor: SpeculationGovernor, num_steps: int, drafting_rate: int, plain_rate: int) -> list:
+    """Run lengths of the drafting decisions over `num_steps` steps of a batch of 16."""
+    runs: list[list] = []
+    for _ in range(num_steps):
+        drafted = governor.drafting(16)
+        governor.record(16, drafted, num_tokens=drafting_rate if drafted else plain_rate, seconds=1.0)
+        if runs and runs[-1][0] == drafted:
+            runs[-1][1] += 1
+        else:
+            runs.append([drafted, 1])
+    return [tuple(run) for run in runs]
+
+
+@pytest.mark.parametrize(("plain_rate", "expected"), [
+    (12, [(True, 1), (False, 3), (True, 1), (False, 9), (True, 1), (False, 33), (True, 1), (False, 129)]),
+    (13, [(True, 1), (False, 129), (True, 1), (False, 129)]),  # 1.3x: decisive, the longest run at once
+])
+def test_governor_settles_a_lost_cause_in_few_explorations(plain_rate, expected) -> None:
+    """Drafting 20% slower: each confirming verdict quadruples the run without drafting."""
+    governor = SpeculationGovernor(window=1, exploit_windows=2, max_exploit_windows=128)
+    assert governed_runs(governor, sum(length for _, length in expected), 10, plain_rate) == expected
 
 
 def test_governor_learns_each_batch_size_bucket_on_its_own() -> None:

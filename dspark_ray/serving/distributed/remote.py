@@ -225,6 +225,8 @@ class RemoteDrafter:
     def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],
                     target_features: TargetFeatures | None = None) -> None:
         for seq, drafted, accepted in zip(seqs, num_drafted, num_accepted):
+            if target_features is None and seq.seq_id not in self.known.counts:
+                continue  # not on the worker yet: its first proposal sends it whole
             message = pb.VerifyFeedback(seq_id=seq.seq_id, num_draft_tokens=drafted, num_accepted_tokens=accepted)
             if target_features is not None:
                 features = _after_unsent(self.feedback.get(seq.seq_id), target_features[seq.seq_id])
