@@ -8,10 +8,12 @@ so a settled choice soon costs little exploration while an early, noisy verdict 
 re-examined; a change of winner resets it. A decisive verdict (faster by more than `decisive` times) goes straight to
 the longest exploitation.
 An exploration only ends once both strategies have recorded steps.
-Explorations start with `explore_first`, the strategy expected to win. They run in two blocks, not
-alternating step by step: a step can leave costs to the next one (with worker actors, rolling back
-rejected drafts travels with the next command), which alternation would charge to the other
-strategy.
+Explorations run in two blocks, not alternating step by step: a step can leave costs to the next
+one (with worker actors, rolling back rejected drafts travels with the next command; drafting
+leaves holes in the KV cache that every later step attends over until a compaction), which
+alternation would charge to the other strategy. The first block is the incumbent's (the last
+winner; `explore_first` before any verdict), so it is timed in the state it runs in, and the
+challenger's block pays the switch into it while its leftovers fall on the exploitation after.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class StrategyChooser:
                  explore_first: bool = False, decisive: float = float("inf"), growth: int = 2) -> None:
         self.window = window
         self.growth = growth
-        self.explore_first = explore_first  # the strategy each exploration starts with
+        self.explore_first = explore_first  # the strategy the first exploration starts with
         self.decisive = decisive
         self.base_exploit_windows = self.exploit_windows = exploit_windows
         self.max_exploit_windows = exploit_windows if max_exploit_windows is None else max_exploit_windows
@@ -68,4 +70,5 @@ class StrategyChooser:
             self._explore()
 
     def _explore(self) -> None:
-        self._plan.extend([self.explore_first] * self.window + [not self.explore_first] * self.window)
+        first = self.explore_first if self.preferred is None else self.preferred
+        self._plan.extend([first] * self.window + [not first] * self.window)

@@ -70,13 +70,23 @@ def governed_runs(governor: SpeculationGovernor, num_steps: int, drafting_rate: 
 
 
 @pytest.mark.parametrize(("plain_rate", "expected"), [
-    (12, [(True, 1), (False, 3), (True, 1), (False, 9), (True, 1), (False, 33), (True, 1), (False, 129)]),
-    (13, [(True, 1), (False, 129), (True, 1), (False, 129)]),  # 1.3x: decisive, the longest run at once
+    # re-explorations start with the incumbent: its block joins the exploitation before it
+    (12, [(True, 1), (False, 4), (True, 1), (False, 9), (True, 1), (False, 33), (True, 1), (False, 129)]),
+    (13, [(True, 1), (False, 130), (True, 1), (False, 129)]),  # 1.3x: decisive, the longest run at once
 ])
 def test_governor_settles_a_lost_cause_in_few_explorations(plain_rate, expected) -> None:
     """Drafting 20% slower: each confirming verdict quadruples the run without drafting."""
     governor = SpeculationGovernor(window=1, exploit_windows=2, max_exploit_windows=128)
     assert governed_runs(governor, sum(length for _, length in expected), 10, plain_rate) == expected
+
+
+def test_re_explorations_start_with_the_incumbent() -> None:
+    chooser = StrategyChooser(window=2, exploit_windows=1, explore_first=True)
+    assert explore(chooser, {True: 10, False: 20}) == [True, True, False, False]  # no verdict yet
+    assert exploit(chooser) == [False, False]
+    assert explore(chooser, {True: 30, False: 20}) == [False, False, True, True]
+    assert exploit(chooser) == [True, True]
+    assert explore(chooser, {True: 30, False: 20}) == [True, True, False, False]
 
 
 def test_governor_learns_each_batch_size_bucket_on_its_own() -> None:

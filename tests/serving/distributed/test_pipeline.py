@@ -93,4 +93,4 @@ def test_chooser_exploits_the_faster_strategy() -> None:
     for pipelined in explored:
         chooser.record(pipelined, num_tokens=10 if pipelined else 5, seconds=1.0)
     assert [chooser.next_mode() for _ in range(6)] == [True] * 6 and chooser.preferred is True
-    assert [chooser.next_mode() for _ in range(4)] == [False, False, True, True]  # explores again
+    assert [chooser.next_mode() for _ in range(4)] == [True, True, False, False]  # again, the incumbent first
