@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         num_speculative_tokens = args.num_speculative_tokens or read_dspark_config(args.draft).block_size
         config = EngineConfig(target=args.target, draft=args.draft, drafter="dspark", dtype=args.dtype,
                               device=args.device, num_speculative_tokens=num_speculative_tokens,
-                              max_batch_size=args.batch_size)
+                              max_batch_size=args.batch_size,
+                              load_aware_drafting=False)  # every step drafts: calibration needs drafts
         models = load_models(config)
     except (ValueError, OSError) as error:
         print(f"dspark-ray deepspec calibrate: error: {error}", file=sys.stderr)

@@ -172,7 +172,8 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
                                                                           seed=args.seed + index), args.max_tokens)
                 for index, (_, prompt) in enumerate(prompts)]
     base = dict(target=args.target, num_speculative_tokens=args.num_speculative_tokens, dtype=args.dtype,
-                device=args.device, adaptive_speculation="off", sps_profile=args.sps_profile)
+                device=args.device, adaptive_speculation="off", sps_profile=args.sps_profile,
+                load_aware_drafting=False)  # the drafter is measured, not the serving policy
     target_only = EngineConfig(**base, drafter="none", draft=None)
     models = load_models(target_only)
     rows = [Row(None, target_only.model_copy(update={"max_batch_size": batch_size}), models)

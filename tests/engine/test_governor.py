@@ -50,10 +50,14 @@ def test_exploitation_grows_by_the_given_factor() -> None:
     assert runs == [(True, 2), (True, 8), (True, 32), (True, 64)]  # x4, capped at 32 windows of 2
 
 
-def test_a_decisive_verdict_goes_straight_to_the_longest_exploitation() -> None:
+def test_a_confirmed_decisive_verdict_goes_straight_to_the_longest_exploitation() -> None:
     chooser = StrategyChooser(window=2, exploit_windows=1, max_exploit_windows=8, decisive=1.5)
     explore(chooser, {True: 10, False: 16})
+    assert exploit(chooser) == [False] * 2  # a first verdict is never decisive
+    explore(chooser, {True: 10, False: 16})
     assert exploit(chooser) == [False] * 16
+    explore(chooser, {True: 16, False: 10})
+    assert exploit(chooser) == [True] * 2  # nor one that changes the winner
 
 
 def governed_runs(governor: SpeculationGovernor, num_steps: int, drafting_rate: int, plain_rate: int) -> list:
@@ -70,12 +74,13 @@ def governed_runs(governor: SpeculationGovernor, num_steps: int, drafting_rate: 
 
 
 @pytest.mark.parametrize(("plain_rate", "expected"), [
-    # re-explorations start with the incumbent: its block joins the exploitation before it
-    (12, [(True, 1), (False, 4), (True, 1), (False, 9), (True, 1), (False, 33), (True, 1), (False, 129)]),
-    (13, [(True, 1), (False, 130), (True, 1), (False, 129)]),  # 1.3x: decisive, the longest run at once
+    # a new bucket times the target alone first; later explorations start with the incumbent
+    (12, [(False, 1), (True, 1), (False, 3), (True, 1), (False, 9), (True, 1), (False, 33), (True, 1), (False, 129)]),
+    (13, [(False, 1), (True, 1), (False, 3), (True, 1), (False, 129)]),  # 1.3x: decisive once confirmed
 ])
 def test_governor_settles_a_lost_cause_in_few_explorations(plain_rate, expected) -> None:
-    """Drafting 20% slower: each confirming verdict quadruples the run without drafting."""
+    """Drafting 20% (30%) slower: each confirming verdict quadruples the run without drafting (or
+    settles it at once)."""
     governor = SpeculationGovernor(window=1, exploit_windows=2, max_exploit_windows=128)
     assert governed_runs(governor, sum(length for _, length in expected), 10, plain_rate) == expected
 
