@@ -28,11 +28,12 @@ class DraftingPolicy(Protocol):
 
 
 # Drafting that loses at a load usually loses by 15-40% (measured on worker actors at c=16), and each
-# exploration drafts for a whole window at that loss: a confirmed verdict 1.25x apart settles at
-# once, and a repeated one quadruples the next run, so a lost cause costs few explorations. A new
-# bucket times the target alone first: it leaves nothing behind, while a drafting block leaves KV
-# holes that a drafting-off block after it would pay for (a served c=16 replica measured the draft
-# LM 1.27x faster that way, and drafting then ran at 0.88x of target-only).
+# exploration drafts for a whole window at that loss: a verdict 1.25x apart settles at once, and a
+# repeated one quadruples the next run, so a lost cause costs few explorations. A new bucket times
+# the target alone first: it leaves nothing behind, while a drafting block leaves KV holes that a
+# drafting-off block after it would pay for (a served c=16 replica measured the draft LM 1.27x
+# faster that way and settled on drafting, which then ran at 0.88x of target-only). Timed that
+# way round, the first verdict leans against drafting: safe to settle on when it is decisive.
 DECISIVE = 1.25
 GROWTH = 4
 

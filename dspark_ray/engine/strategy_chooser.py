@@ -6,8 +6,7 @@ faster one runs for `exploit_windows` windows, then both are explored again (tra
 winner that wins again multiplies the next exploitation by `growth`, up to `max_exploit_windows`,
 so a settled choice soon costs little exploration while an early, noisy verdict is soon
 re-examined; a change of winner resets it. A decisive verdict (faster by more than `decisive`
-times) that confirms the previous winner goes straight to the longest exploitation; a first verdict
-never does (its steps ran on fresh sequences, whose costs are not yet typical).
+times) goes straight to the longest exploitation.
 An exploration only ends once both strategies have recorded steps.
 Explorations run in two blocks, not alternating step by step: a step can leave costs to the next
 one (with worker actors, rolling back rejected drafts travels with the next command; drafting
@@ -59,12 +58,12 @@ class StrategyChooser:
             self._totals = {True: [0, 0.0], False: [0, 0.0]}
             self._exploring = False
             slower, faster = sorted(self.rates.values())
-            if self.preferred != previous:
-                self.exploit_windows = self.base_exploit_windows
-            elif faster > self.decisive * slower:
+            if faster > self.decisive * slower:
                 self.exploit_windows = self.max_exploit_windows
-            else:
+            elif self.preferred == previous:
                 self.exploit_windows = min(self.growth * self.exploit_windows, self.max_exploit_windows)
+            else:
+                self.exploit_windows = self.base_exploit_windows
             self._plan.extend([self.preferred] * (self.window * self.exploit_windows))
         else:
             self._exploring = True

@@ -54,11 +54,16 @@ class DraftModelDrafter:
         self.num_look_ahead_hits = 0
 
     def add(self, seqs: list[Sequence], target_features: TargetFeatures | None = None) -> None:
-        fits = [seq for seq in seqs if seq.num_tokens < self.max_position]
-        if fits:
-            self.runner.add({seq.seq_id: seq.token_ids[:-1] for seq in fits})
-        for seq in seqs:
-            self.draft_length[seq.seq_id] = self.num_speculative_tokens
+        """Nothing yet: a sequence joins the draft LM's cache at its first proposal with a budget
+        (`_join`), so a sequence whose drafting is governed off costs the draft LM nothing."""
+
+    def _join(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> None:
+        """Prefill, in one batch, the sequences about to draft for the first time (all committed
+        tokens but the last, which the proposal feeds)."""
+        new = {seq.seq_id: seq.token_ids[:-1] for seq, limit in zip(seqs, max_draft_tokens)
+               if limit > 0 and seq.seq_id not in self.runner.seq_ids and seq.num_tokens < self.max_position}
+        if new:
+            self.runner.add(new)
 
     def remove(self, seq_ids: list[int]) -> None:
         self.runner.remove(seq_ids)
@@ -68,6 +73,7 @@ class DraftModelDrafter:
             self._confident_drafts.pop(seq_id, None)
 
     def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+        self._join(seqs, max_draft_tokens)
         budgets = [self._budget(seq, limit) for seq, limit in zip(seqs, max_draft_tokens)]
         sampling = SamplingTensors.from_params([seq.request.sampling for seq in seqs])
         any_sampled = not bool(sampling.is_greedy.all())
@@ -134,8 +140,9 @@ class DraftModelDrafter:
                           if seq.seq_id in self.runner.seq_ids})
         if self.adaptive == "heuristic":
             for seq, drafted, accepted in zip(seqs, num_drafted, num_accepted):
-                length = self.draft_length[seq.seq_id]
-                self.draft_length[seq.seq_id] = length + 2 if drafted and accepted == drafted else max(1, length - 1)
+                if drafted:  # a step without drafts (governed off, no budget) says nothing
+                    length = self.draft_length[seq.seq_id]
+                    self.draft_length[seq.seq_id] = length + 2 if accepted == drafted else max(1, length - 1)
 
     def _kept_drafts(self, seq_id: int) -> list[int]:
         look_ahead = self.look_aheads.get(seq_id)
@@ -155,7 +162,8 @@ class DraftModelDrafter:
         if seq.seq_id not in self.runner.seq_ids:
             return 0
         room = self.max_position - seq.num_tokens + 1  # the draft LM's own context limit
-        schedule = self.draft_length[seq.seq_id] if self.adaptive == "heuristic" else self.num_speculative_tokens
+        schedule = (self.draft_length.setdefault(seq.seq_id, self.num_speculative_tokens)
+                    if self.adaptive == "heuristic" else self.num_speculative_tokens)
         return max(0, min(limit, room, schedule))
 
     def _confident(self, confidence: float) -> bool:
