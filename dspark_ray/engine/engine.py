@@ -35,6 +35,7 @@ class SpeculativeEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_seq_id = 0
+        self._last_step_end: float | None = None  # set while unfinished sequences wait for the next step
 
     def add_request(self, request: GenerationRequest) -> Sequence:
         if not request.prompt_token_ids:
@@ -54,12 +55,13 @@ class SpeculativeEngine:
 
     def step(self) -> list[Sequence]:
         """Advance every sequence by one verification; returns those that finished."""
+        start = self._last_step_end or time.perf_counter()
         admitted = {seq.seq_id for seq in self.admit()}
         speculating = [seq for seq in self.running if seq.seq_id not in admitted]
         if speculating and self.governor is None:
             self._speculate(speculating, drafting=True)
         elif speculating:
-            self._governed_speculation(speculating)
+            self._governed_speculation(speculating, start)
         return self.retire()
 
     def _speculate(self, seqs: list[Sequence], drafting: bool) -> DraftProposal:
@@ -67,12 +69,14 @@ class SpeculativeEngine:
         self.commit(seqs, proposal, self.verifier.verify(seqs, proposal))
         return proposal
 
-    def _governed_speculation(self, seqs: list[Sequence]) -> None:
-        """Draft or not as the governor says, and tell it the rate. Timed after admission (a prefill
-        would blur the rate); not recorded: drafting steps that drafted nothing (a drafter that is
-        down says nothing about drafting)."""
+    def _governed_speculation(self, seqs: list[Sequence], start: float) -> None:
+        """Draft or not as the governor says, and tell it the rate. Timed from the end of the last
+        step, so what happens between steps counts too (a server streaming deltas, admissions: a
+        mode whose long steps keep new requests waiting shows it in fewer tokens per second); not
+        recorded: drafting steps that drafted nothing (a drafter that is down says nothing about
+        drafting)."""
         drafting = self.governor.drafting(len(seqs))
-        before, start = sum(seq.num_tokens for seq in seqs), time.perf_counter()
+        before = sum(seq.num_tokens for seq in seqs)
         proposal = self._speculate(seqs, drafting)
         if not drafting or bool(proposal.num_draft_tokens.any()):
             self.governor.record(len(seqs), drafting, sum(seq.num_tokens for seq in seqs) - before,
@@ -88,6 +92,8 @@ class SpeculativeEngine:
         gone = set(seq_ids)
         self.waiting = deque(seq for seq in self.waiting if seq.seq_id not in gone)
         self._release([seq for seq in self.running if seq.seq_id in gone])
+        if not self.has_unfinished():  # idle until the next request: no step is running
+            self._last_step_end = None
 
     # The phases of a step are public so a step strategy (the serving layer's pipelined engine)
     # can interleave them across micro-batches without copying the commit and stop logic.
@@ -129,8 +135,10 @@ class SpeculativeEngine:
         return max(0, min(self.num_speculative_tokens, seq.remaining_tokens - 1, room_in_context))
 
     def retire(self) -> list[Sequence]:
+        """Release finished sequences: the end of a step."""
         finished = [seq for seq in self.running if seq.is_finished]
         self._release(finished)
+        self._last_step_end = time.perf_counter() if self.has_unfinished() else None
         return finished
 
     def _release(self, seqs: list[Sequence]) -> None:

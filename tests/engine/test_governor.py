@@ -3,6 +3,8 @@ drafting is switched on and off under it (never a changed token, never a changed
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from dspark_ray.core.sampling import SamplingParams
@@ -146,6 +148,37 @@ def test_a_draft_lm_prefills_a_sequence_at_its_first_drafting_step(tiny, referen
 
     assert_matches_target_alone(tiny, reference, arch, seqs, PROMPTS, MAX_TOKENS)
     assert sum(seq.stats.num_draft_tokens for seq in seqs) > 0
+
+
+class Timed(Alternating):
+    """Alternating, keeping the seconds of each recorded step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
+        super().record(batch_size, drafted, num_tokens, seconds)
+        self.seconds.append(seconds)
+
+
+def test_a_step_is_timed_from_the_end_of_the_last_one_but_not_across_idleness(tiny) -> None:
+    """Between steps a server streams deltas and takes requests: that time belongs to the mode
+    that stepped. Time with nothing to decode belongs to no step."""
+    models = tiny("llama")
+    engine = make_engine(models.target, make_drafter("echo", models.target, models.draft, 3), 3)
+    engine.governor = policy = Timed()
+    first = engine.add_request(GenerationRequest([5, 6, 7], max_tokens=32))
+    engine.step()  # admission
+    time.sleep(0.2)
+    engine.step()
+    assert policy.seconds[-1] >= 0.2
+    engine.abort([first.seq_id])
+    time.sleep(0.2)
+    engine.add_request(GenerationRequest([5, 6, 7], max_tokens=32))
+    engine.step()
+    engine.step()
+    assert policy.seconds[-1] < 0.2
 
 
 def test_sampled_sequences_are_never_governed(tiny) -> None:
