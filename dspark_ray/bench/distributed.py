@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from dspark_ray.bench.repetitions import median_run
 
 ALWAYS = {"load_aware_drafting": False}  # the step strategies are compared drafting at every step
 VARIANTS = {  # name -> (EngineConfig overrides, WorkerPlacement fields)
@@ -98,18 +99,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.repetitions):
                 for name, engine in engines.items():
                     runs[name].append(run_level(engine, level_requests, level))
-            results["levels"][level] = {name: summarize(reps) for name, reps in runs.items()}
+            results["levels"][level] = {name: median_run(reps, "tokens_per_s") for name, reps in runs.items()}
             print(format_level(level, results["levels"][level]), file=sys.stderr, flush=True)
     finally:
         for engine in engines.values():
             engine.shutdown()
         ray.shutdown()
     return results
-
-
-def summarize(reps: list[dict[str, Any]]) -> dict[str, Any]:
-    middle = sorted(reps, key=lambda rep: rep["tokens_per_s"])[len(reps) // 2]
-    return {**middle, "tokens_per_s_runs": [rep["tokens_per_s"] for rep in reps]}
 
 
 def format_level(level: int, variants: dict[str, Any]) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from dspark_ray.bench.repetitions import median_run
 from dspark_ray.config import REFERENCE_DIR
 from dspark_ray.serving.ports import free_port
 
@@ -283,17 +284,24 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     try:
         serve.run(build_app(AppConfig(engine=target_only, **capacity)), name="target_only",
                   route_prefix="/target_only")
-        runs = {}
-        for name in ("target_only", "speculative"):
-            url = f"http://127.0.0.1:{port}/{name}/v1"
-            runs[name] = bench(url, prompts, levels, args.num_requests, args.max_tokens, args.temperature,
-                               args.ignore_eos, label=name)
+        repetitions: dict[str, list] = {"target_only": [], "speculative": []}
+        for _ in range(args.repetitions):  # interleaved: drift on a shared machine hits both apps alike
+            for name, reports in repetitions.items():
+                reports.append(bench(f"http://127.0.0.1:{port}/{name}/v1", prompts, levels, args.num_requests,
+                                     args.max_tokens, args.temperature, args.ignore_eos, label=name))
+        runs: dict[str, Any] = {name: median_levels(reports) for name, reports in repetitions.items()}
         if args.temperature == 0 and 1 in levels:  # greedy: both sides decode the same tokens
             runs["served_vs_in_process"] = served_vs_in_process(f"http://127.0.0.1:{port}/speculative/v1", engine,
                                                                 prompts, args)
     finally:
         serve_cli.stop()
     return runs
+
+
+def median_levels(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of repeated `bench` runs: per level, the run with the median output tokens/s."""
+    levels = [median_run(list(runs), "output_tokens_per_s") for runs in zip(*(report["levels"] for report in reports))]
+    return {**reports[0], "levels": levels}
 
 
 def add_parser(subparsers) -> None:
@@ -316,6 +324,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--launch", action="store_true",
                         help="start a local Ray Serve with speculative and target-only apps and compare them")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (--launch)")
+    parser.add_argument("--repetitions", type=int, default=1,
+                        help="--launch: interleaved runs of both apps; each level reports the median run")
     add_high_throughput_argument(parser)
     add_engine_arguments(parser)
     parser.set_defaults(func=run)
@@ -328,8 +338,8 @@ def run(args: argparse.Namespace) -> int:
             print(compare(a, b))
             return 0
         levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
-        if not levels or min(levels) < 1 or args.num_requests < 1:
-            raise ValueError("--concurrency needs levels >= 1 and --num-requests >= 1")
+        if not levels or min(levels) < 1 or args.num_requests < 1 or args.repetitions < 1:
+            raise ValueError("--concurrency needs levels >= 1, --num-requests and --repetitions >= 1")
         prompts = read_prompts(args.prompts)
         if args.launch:
             result = launch_and_compare(args, prompts, levels)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dspark_ray.bench.serve import RequestResult, bench, check_local, compare, level_report
+from dspark_ray.bench.serve import RequestResult, bench, check_local, compare, level_report, median_levels
 from dspark_ray.cli import main
 
 
@@ -47,3 +47,14 @@ def test_report_and_comparison() -> None:
     speculative = {"url": "b", "label": "speculative", "levels": [report]}
     table = compare(target_only, speculative)
     assert "2.00x" in table and "speculative" in table
+
+
+def test_repetitions_report_the_median_run_of_each_level() -> None:
+    def report(*rates):
+        return {"label": "speculative", "levels": [{"concurrency": c, "output_tokens_per_s": rate, "run": rate}
+                                                   for c, rate in zip((1, 16), rates)]}
+
+    merged = median_levels([report(10, 300), report(30, 100), report(20, 200)])
+    assert merged["label"] == "speculative"
+    assert [level["run"] for level in merged["levels"]] == [20, 200]  # each level's own median run
+    assert merged["levels"][1]["output_tokens_per_s_runs"] == [300, 100, 200]
