@@ -64,6 +64,7 @@ class DraftModelDrafter:
                if limit > 0 and seq.seq_id not in self.runner.seq_ids and seq.num_tokens < self.max_position}
         if new:
             self.runner.add(new)
+            self.draft_length.update(dict.fromkeys(new, self.num_speculative_tokens))
 
     def remove(self, seq_ids: list[int]) -> None:
         self.runner.remove(seq_ids)
@@ -162,8 +163,7 @@ class DraftModelDrafter:
         if seq.seq_id not in self.runner.seq_ids:
             return 0
         room = self.max_position - seq.num_tokens + 1  # the draft LM's own context limit
-        schedule = (self.draft_length.setdefault(seq.seq_id, self.num_speculative_tokens)
-                    if self.adaptive == "heuristic" else self.num_speculative_tokens)
+        schedule = self.draft_length[seq.seq_id] if self.adaptive == "heuristic" else self.num_speculative_tokens
         return max(0, min(limit, room, schedule))
 
     def _confident(self, confidence: float) -> bool:
