@@ -56,12 +56,14 @@ class SpeculativeEngine:
     def step(self) -> list[Sequence]:
         """Advance every sequence by one verification; returns those that finished."""
         start = self._last_step_end or time.perf_counter()
+        admission_start = time.perf_counter()
         admitted = {seq.seq_id for seq in self.admit()}
+        admission = time.perf_counter() - admission_start
         speculating = [seq for seq in self.running if seq.seq_id not in admitted]
         if speculating and self.governor is None:
             self._speculate(speculating, drafting=True)
         elif speculating:
-            self._governed_speculation(speculating, start)
+            self._governed_speculation(speculating, start + admission)
         return self.retire()
 
     def _speculate(self, seqs: list[Sequence], drafting: bool) -> DraftProposal:
@@ -71,10 +73,11 @@ class SpeculativeEngine:
 
     def _governed_speculation(self, seqs: list[Sequence], start: float) -> None:
         """Draft or not as the governor says, and tell it the rate. Timed from the end of the last
-        step, so what happens between steps counts too (a server streaming deltas, admissions: a
-        mode whose long steps keep new requests waiting shows it in fewer tokens per second); not
-        recorded: drafting steps that drafted nothing (a drafter that is down says nothing about
-        drafting)."""
+        step, so what happens between steps counts too (a server streaming deltas: a mode whose
+        long steps keep new requests waiting shows it in fewer tokens per second), less this step's
+        admissions (`start` is moved past them): a prefill costs the same in either mode, and one
+        landing in a block would decide its verdict. Not recorded: drafting steps that drafted
+        nothing (a drafter that is down says nothing about drafting)."""
         drafting = self.governor.drafting(len(seqs))
         before = sum(seq.num_tokens for seq in seqs)
         proposal = self._speculate(seqs, drafting)

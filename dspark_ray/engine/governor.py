@@ -36,11 +36,17 @@ class DraftingPolicy(Protocol):
 # way round, the first verdict leans against drafting: safe to settle on when it is decisive.
 DECISIVE = 1.25
 GROWTH = 4
+# Both modes are timed in alternating blocks of 4 steps, not one window each: in a served c=16 run
+# a first window of steps undrafted, then one drafting, met different batches (admissions, sequences
+# early in their generations, where the draft LM is accepted far more often than later).
+BLOCK = 4
 
 
 class SpeculationGovernor:
-    def __init__(self, window: int = 16, exploit_windows: int = 2, max_exploit_windows: int = 128) -> None:
+    def __init__(self, window: int = 16, exploit_windows: int = 2, max_exploit_windows: int = 128,
+                 block: int | None = BLOCK) -> None:
         self.window = window
+        self.block = block
         self.exploit_windows = exploit_windows
         self.max_exploit_windows = max_exploit_windows
         self.choosers: dict[int, StrategyChooser] = {}  # by bucket: the batch size rounded up to a power of 2
@@ -49,15 +55,25 @@ class SpeculationGovernor:
         return self._chooser(batch_size).next_mode()
 
     def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
-        self._chooser(batch_size).record(drafted, num_tokens, seconds)
+        # Tokens per sequence, scaled to a full bucket: a step of 11 sequences counts 11/16 of its
+        # seconds in the bucket of 16, so a block that ran while requests came and went (fewer
+        # tokens per step in either mode) does not lose its verdict to the batch size alone.
+        self._chooser(batch_size).record(drafted, num_tokens, seconds * batch_size / _bucket(batch_size))
 
     def rates(self) -> dict[int, dict[bool, float]]:
-        """Tokens/s with (True) and without (False) drafting at the last exploration, by bucket."""
+        """Tokens/s of a full bucket with (True) and without (False) drafting at the last
+        exploration, by bucket."""
         return {bucket: dict(chooser.rates) for bucket, chooser in sorted(self.choosers.items()) if chooser.rates}
 
     def _chooser(self, batch_size: int) -> StrategyChooser:
-        bucket = 1 << max(0, batch_size - 1).bit_length()
+        bucket = _bucket(batch_size)
         if bucket not in self.choosers:
             self.choosers[bucket] = StrategyChooser(self.window, self.exploit_windows, self.max_exploit_windows,
-                                                    explore_first=False, decisive=DECISIVE, growth=GROWTH)
+                                                    explore_first=False, decisive=DECISIVE, growth=GROWTH,
+                                                    block=self.block)
         return self.choosers[bucket]
+
+
+def _bucket(batch_size: int) -> int:
+    """The batch size rounded up to a power of 2."""
+    return 1 << max(0, batch_size - 1).bit_length()

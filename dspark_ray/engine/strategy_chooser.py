@@ -8,12 +8,14 @@ so a settled choice soon costs little exploration while an early, noisy verdict 
 re-examined; a change of winner resets it. A decisive verdict (faster by more than `decisive`
 times) goes straight to the longest exploitation.
 An exploration only ends once both strategies have recorded steps.
-Explorations run in two blocks, not alternating step by step: a step can leave costs to the next
-one (with worker actors, rolling back rejected drafts travels with the next command; drafting
-leaves holes in the KV cache that every later step attends over until a compaction), which
-alternation would charge to the other strategy. The first block is the incumbent's (the last
-winner; `explore_first` before any verdict), so it is timed in the state it runs in, and the
-challenger's block pays the switch into it while its leftovers fall on the exploitation after.
+Explorations alternate the strategies in blocks of `block` steps (by default one block each), not
+step by step: a step can leave costs to the next one (with worker actors, rolling back rejected
+drafts travels with the next command; drafting leaves holes in the KV cache that every later step
+attends over until a compaction), which alternation would charge to the other strategy. Several
+shorter blocks time both strategies under the same conditions where those drift within a window
+(a served batch whose sequences are all early in their generations drafts far better than later).
+Each pair starts with the incumbent (the last winner; `explore_first` before any verdict), so it
+is timed in the state it runs in, and the challenger's block pays the switch into it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from collections import deque
 
 class StrategyChooser:
     def __init__(self, window: int = 8, exploit_windows: int = 16, max_exploit_windows: int | None = None,
-                 explore_first: bool = False, decisive: float = float("inf"), growth: int = 2) -> None:
+                 explore_first: bool = False, decisive: float = float("inf"), growth: int = 2,
+                 block: int | None = None) -> None:
         self.window = window
+        self.block = block or window  # steps per block of an exploration; each strategy runs window steps
         self.growth = growth
         self.explore_first = explore_first  # the strategy the first exploration starts with
         self.decisive = decisive
@@ -71,4 +75,6 @@ class StrategyChooser:
 
     def _explore(self) -> None:
         first = self.explore_first if self.preferred is None else self.preferred
-        self._plan.extend([first] * self.window + [not first] * self.window)
+        for start in range(0, self.window, self.block):
+            length = min(self.block, self.window - start)
+            self._plan.extend([first] * length + [not first] * length)

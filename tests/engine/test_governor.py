@@ -58,6 +58,25 @@ def test_a_decisive_verdict_goes_straight_to_the_longest_exploitation() -> None:
     assert exploit(chooser) == [False] * 16
 
 
+def test_explorations_alternate_the_strategies_in_blocks() -> None:
+    """Blocks of `block` steps, so both strategies are timed under the same conditions (sequences
+    early or late in their generations, requests coming and going) and not one before the other."""
+    chooser = StrategyChooser(window=4, exploit_windows=1, block=2)
+    assert explore(chooser, {True: 10, False: 20}) == [False, False, True, True] * 2
+    assert exploit(chooser) == [False] * 4
+
+
+def test_the_governor_compares_steps_per_sequence() -> None:
+    """A step of 12 sequences in the bucket of 16 (9..16) counts 12/16 of its seconds: rates are
+    those of a full bucket."""
+    governor = SpeculationGovernor(window=1, exploit_windows=1)
+    for batch_size, num_tokens in ((12, 12), (16, 24)):  # off at batch 12, then drafting at 16
+        drafted = governor.drafting(batch_size)
+        governor.record(batch_size, drafted, num_tokens, seconds=1.0)
+    governor.drafting(16)  # the verdict
+    assert governor.rates() == {16: {False: 16.0, True: 24.0}}
+
+
 def governed_runs(governor: SpeculationGovernor, num_steps: int, drafting_rate: int, plain_rate: int) -> list:
     """Run lengths of the drafting decisions over `num_steps` steps of a batch of 16."""
     runs: list[list] = []
@@ -179,6 +198,25 @@ def test_a_step_is_timed_from_the_end_of_the_last_one_but_not_across_idleness(ti
     engine.step()
     engine.step()
     assert policy.seconds[-1] < 0.2
+
+
+def test_a_step_is_not_timed_through_its_admissions(tiny) -> None:
+    """A prefill costs the same whichever mode the step runs in: it must not decide a verdict."""
+    models = tiny("llama")
+    engine = make_engine(models.target, make_drafter("echo", models.target, models.draft, 3), 3)
+    engine.governor = policy = Timed()
+    prefill = engine.verifier.add
+
+    def slow_prefill(seqs):
+        time.sleep(0.2)
+        return prefill(seqs)
+
+    engine.add_request(GenerationRequest([5, 6, 7], max_tokens=32))
+    engine.step()  # admission only
+    engine.verifier.add = slow_prefill
+    engine.add_request(GenerationRequest([8, 9], max_tokens=32))
+    engine.step()  # admits the second while the first speculates
+    assert len(policy.seconds) == 1 and policy.seconds[0] < 0.2
 
 
 def test_sampled_sequences_are_never_governed(tiny) -> None:
