@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -128,7 +129,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
 
 
 async def run_level(url: str, model: str, prompts: list[str], concurrency: int, num_requests: int,
-                    max_tokens: int, temperature: float, ignore_eos: bool) -> dict[str, Any]:
+                    max_tokens: list[int], temperature: float, ignore_eos: bool) -> dict[str, Any]:
+    """Request `index` sends prompt and max_tokens number `index` (both lists cycled)."""
     import httpx
 
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -140,8 +142,8 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
         async def worker() -> None:
             while not queue.empty():
                 index = queue.get_nowait()
-                results.append(await one_request(client, url, model, prompts[index % len(prompts)], max_tokens,
-                                                 temperature, ignore_eos))
+                results.append(await one_request(client, url, model, prompts[index % len(prompts)],
+                                                 max_tokens[index % len(max_tokens)], temperature, ignore_eos))
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         duration = time.perf_counter() - start
@@ -155,18 +157,31 @@ def served_model(url: str) -> str:
 
 
 def bench(url: str, prompts: list[str], levels: list[int], num_requests: int, max_tokens: int,
-          temperature: float, ignore_eos: bool, model: str | None = None, label: str | None = None) -> dict[str, Any]:
+          temperature: float, ignore_eos: bool, model: str | None = None, label: str | None = None,
+          max_tokens_range: float = 0.0) -> dict[str, Any]:
     check_local(url)
     model = model or served_model(url)
-    asyncio.run(run_level(url, model, prompts, 1, 1, max_tokens, temperature, ignore_eos))  # warm-up
+    asyncio.run(run_level(url, model, prompts, 1, 1, [max_tokens], temperature, ignore_eos))  # warm-up
+    lengths = request_lengths(max_tokens, max_tokens_range, num_requests)
     reports = []
     for concurrency in levels:
-        report = asyncio.run(run_level(url, model, prompts, concurrency, num_requests, max_tokens,
+        report = asyncio.run(run_level(url, model, prompts, concurrency, num_requests, lengths,
                                        temperature, ignore_eos))
         print(format_level(label or url, report), file=sys.stderr, flush=True)
         reports.append(report)
-    return {"url": url, "model": model, "label": label, "max_tokens": max_tokens, "temperature": temperature,
-            "ignore_eos": ignore_eos, "levels": reports}
+    return {"url": url, "model": model, "label": label, "max_tokens": max_tokens,
+            "max_tokens_range": max_tokens_range, "temperature": temperature, "ignore_eos": ignore_eos,
+            "levels": reports}
+
+
+def request_lengths(max_tokens: int, spread: float, num_requests: int, seed: int = 0) -> list[int]:
+    """max_tokens of each request: all `max_tokens`, or drawn uniformly from max_tokens x [1 - spread,
+    1 + spread], the same draws on every run (both apps of `--launch`, every repetition)."""
+    if spread == 0:
+        return [max_tokens]
+    draw = random.Random(seed)
+    low, high = max(1, round(max_tokens * (1 - spread))), round(max_tokens * (1 + spread))
+    return [draw.randint(low, high) for _ in range(num_requests)]
 
 
 def format_level(label: str, r: dict[str, Any]) -> str:
@@ -221,11 +236,12 @@ class InProcessBaseline:
         self.engine = build_engine(engine_config, models)
         self.prompt_ids = [models.tokenizer.encode(prompt) for prompt in prompts]
 
-    def run(self, num_requests: int, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+    def run(self, num_requests: int, max_tokens: list[int], ignore_eos: bool) -> dict[str, Any]:
         from dspark_ray.engine.sequence import GenerationRequest
 
-        requests = [GenerationRequest(self.prompt_ids[index % len(self.prompt_ids)], max_tokens=max_tokens,
-                                      ignore_eos=ignore_eos) for index in range(num_requests)]
+        requests = [GenerationRequest(self.prompt_ids[index % len(self.prompt_ids)],
+                                      max_tokens=max_tokens[index % len(max_tokens)], ignore_eos=ignore_eos)
+                    for index in range(num_requests)]
         self.engine.generate(requests[:1])  # warm-up, like the served levels
         num_tokens, num_steps, num_accepted = 0, 0, 0
         start = time.perf_counter()
@@ -246,10 +262,11 @@ def served_vs_in_process(url: str, engine_config, prompts: list[str], args: argp
     baseline = InProcessBaseline(engine_config, prompts, args.threads or 1)
     model = served_model(url)
     served, local = [], []
+    lengths = request_lengths(args.max_tokens, args.max_tokens_range, args.num_requests)
     for _ in range(repetitions):
-        served.append(asyncio.run(run_level(url, model, prompts, 1, args.num_requests, args.max_tokens, 0.0,
+        served.append(asyncio.run(run_level(url, model, prompts, 1, args.num_requests, lengths, 0.0,
                                             args.ignore_eos))["output_tokens_per_s"])
-        local.append(baseline.run(args.num_requests, args.max_tokens, args.ignore_eos)["output_tokens_per_s"])
+        local.append(baseline.run(args.num_requests, lengths, args.ignore_eos)["output_tokens_per_s"])
     return {"served_tokens_per_s": served, "in_process_tokens_per_s": local,
             "ratio": statistics.median(served) / statistics.median(local)}
 
@@ -288,7 +305,8 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
         for _ in range(args.repetitions):  # interleaved: drift on a shared machine hits both apps alike
             for name, reports in repetitions.items():
                 reports.append(bench(f"http://127.0.0.1:{port}/{name}/v1", prompts, levels, args.num_requests,
-                                     args.max_tokens, args.temperature, args.ignore_eos, label=name))
+                                     args.max_tokens, args.temperature, args.ignore_eos, label=name,
+                                     max_tokens_range=args.max_tokens_range))
         runs: dict[str, Any] = {name: median_levels(reports) for name, reports in repetitions.items()}
         if args.temperature == 0 and 1 in levels:  # greedy: both sides decode the same tokens
             runs["served_vs_in_process"] = served_vs_in_process(f"http://127.0.0.1:{port}/speculative/v1", engine,
@@ -317,6 +335,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--ignore-eos", action="store_true", help="always decode max_tokens tokens")
+    parser.add_argument("--max-tokens-range", type=float, default=0.0, metavar="R",
+                        help="draw each request's max_tokens uniformly from max_tokens x [1-R, 1+R] (seeded: "
+                             "the same lengths for both apps and every run); 0: all max_tokens. With "
+                             "--ignore-eos and R=0 requests finish in lockstep, as real traffic does not")
     parser.add_argument("--prompts", type=Path, default=None, help='JSONL, one {"prompt": "..."} per line')
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
@@ -340,6 +362,8 @@ def run(args: argparse.Namespace) -> int:
         levels = [int(level) for level in args.concurrency.split(",") if level.strip()]
         if not levels or min(levels) < 1 or args.num_requests < 1 or args.repetitions < 1:
             raise ValueError("--concurrency needs levels >= 1, --num-requests and --repetitions >= 1")
+        if not 0 <= args.max_tokens_range < 1:
+            raise ValueError(f"--max-tokens-range must be in [0, 1), got {args.max_tokens_range}")
         prompts = read_prompts(args.prompts)
         if args.launch:
             result = launch_and_compare(args, prompts, levels)
@@ -348,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
                 table += "\n" + format_served_vs_in_process(result["served_vs_in_process"])
         else:
             result = bench(args.url, prompts, levels, args.num_requests, args.max_tokens, args.temperature,
-                           args.ignore_eos, args.model)
+                           args.ignore_eos, args.model, max_tokens_range=args.max_tokens_range)
             table = None
     except (ValueError, OSError) as error:
         print(f"dspark-ray bench serve: error: {error}", file=sys.stderr)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from dspark_ray.bench.serve import RequestResult, bench, check_local, compare, level_report, median_levels
+from dspark_ray.bench.serve import (RequestResult, bench, check_local, compare, level_report, median_levels,
+                                    request_lengths)
 from dspark_ray.cli import main
 
 
@@ -26,6 +27,28 @@ def test_bench_against_a_live_server(served_app, tmp_path, capsys) -> None:
         assert level["output_tokens_per_s"] > 0 and level["request_throughput"] > 0
         assert level["ttft_ms"]["p50"] > 0 and level["tpot_ms"]["mean"] > 0 and level["itl_ms"]["p99"] > 0
         assert level["mean_acceptance_length"] >= 1.0
+
+
+def test_requests_of_drawn_lengths_against_a_live_server(served_app, tmp_path) -> None:
+    out = tmp_path / "result.json"
+    status = main(["bench", "serve", "--url", served_app.base_url, "--concurrency", "2", "--num-requests", "4",
+                   "--max-tokens", "8", "--max-tokens-range", "0.5", "--ignore-eos", "--json", str(out)])
+    assert status == 0
+    (level,) = json.loads(out.read_text())["levels"]
+    assert level["num_errors"] == 0 and level["num_output_tokens"] == sum(request_lengths(8, 0.5, 4))
+
+
+def test_drawn_lengths_are_the_same_on_every_run_and_stay_in_range() -> None:
+    assert request_lengths(64, 0.0, 100) == [64]
+    lengths = request_lengths(64, 0.5, 100)
+    assert lengths == request_lengths(64, 0.5, 100)  # both apps and every repetition send these
+    assert min(lengths) >= 32 and max(lengths) <= 96 and len(set(lengths)) > 10
+    assert min(request_lengths(1, 0.9, 50)) >= 1
+
+
+def test_a_range_outside_0_to_1_is_refused(capsys) -> None:
+    assert main(["bench", "serve", "--max-tokens-range", "1.5"]) == 2
+    assert "--max-tokens-range must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_only_this_machine_is_loaded() -> None:
