@@ -6,9 +6,7 @@ faster one runs for `exploit_windows` windows, then both are explored again (tra
 winner that wins again multiplies the next exploitation by `growth`, up to `max_exploit_windows`,
 so a settled choice soon costs little exploration while an early, noisy verdict is soon
 re-examined; a change of winner resets it. A decisive verdict (faster by more than `decisive`
-times) goes straight to the longest exploitation. An exploitation is watched too: a window of it
-that runs slower than the other strategy ran at the last exploration ends it (a verdict taken on
-lucky steps, such as a batch whose drafts were accepted unusually often, does not hold for long).
+times) goes straight to the longest exploitation.
 An exploration only ends once both strategies have recorded steps.
 Explorations alternate the strategies in blocks of `block` steps (by default one block each), not
 step by step: a step can leave costs to the next one (with worker actors, rolling back rejected
@@ -40,7 +38,6 @@ class StrategyChooser:
         self._plan: deque[bool] = deque()
         self._exploring = False
         self._totals = {True: [0, 0.0], False: [0, 0.0]}  # tokens, seconds while exploring
-        self._watched = [0, 0.0, 0]  # tokens, seconds, steps of the exploitation's current window
 
     def next_mode(self) -> bool:
         if not self._plan:
@@ -51,22 +48,6 @@ class StrategyChooser:
         if self._exploring:
             self._totals[mode][0] += num_tokens
             self._totals[mode][1] += seconds
-        elif self._plan and mode == self.preferred:
-            self._watch(num_tokens, seconds)
-
-    def _watch(self, num_tokens: int, seconds: float) -> None:
-        """An exploitation whose window runs slower than the other strategy ran at the last
-        exploration ends there, and both are explored again."""
-        watched = self._watched
-        watched[0] += num_tokens
-        watched[1] += seconds
-        watched[2] += 1
-        if watched[2] < self.window:
-            return
-        if watched[0] / max(watched[1], 1e-9) < self.rates[not self.preferred]:
-            self._plan.clear()
-            self.exploit_windows = self.base_exploit_windows
-        self._watched = [0, 0.0, 0]
 
     @property
     def preferred(self) -> bool | None:
@@ -88,7 +69,6 @@ class StrategyChooser:
             else:
                 self.exploit_windows = self.base_exploit_windows
             self._plan.extend([self.preferred] * (self.window * self.exploit_windows))
-            self._watched = [0, 0.0, 0]
         else:
             self._exploring = True
             self._explore()

@@ -58,21 +58,6 @@ def test_a_decisive_verdict_goes_straight_to_the_longest_exploitation() -> None:
     assert exploit(chooser) == [False] * 16
 
 
-def test_an_exploitation_slower_than_its_challenger_ends_early() -> None:
-    """Drafting won its exploration (30 against 20 tokens/s) but runs at 10: after one window the
-    chooser explores again, incumbent first, instead of drafting on for the whole exploitation."""
-    chooser = StrategyChooser(window=2, exploit_windows=4, explore_first=True)
-    explore(chooser, {True: 30, False: 20})
-    for _ in range(2):
-        assert chooser.next_mode() is True
-        chooser.record(True, num_tokens=10, seconds=1.0)
-    assert explore(chooser, {True: 10, False: 20}) == [True, True, False, False]
-    for _ in range(2):  # a window of the new winner at its exploration's rate ...
-        assert chooser.next_mode() is False
-        chooser.record(False, num_tokens=20, seconds=1.0)
-    assert [chooser.next_mode() for _ in range(6)] == [False] * 6  # ... holds it to its end
-
-
 def test_explorations_alternate_the_strategies_in_blocks() -> None:
     """Blocks of `block` steps, so both strategies are timed under the same conditions (sequences
     early or late in their generations, requests coming and going) and not one before the other."""
