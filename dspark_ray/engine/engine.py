@@ -61,28 +61,28 @@ class SpeculativeEngine:
         admission = time.perf_counter() - admission_start
         speculating = [seq for seq in self.running if seq.seq_id not in admitted]
         if speculating and self.governor is None:
-            self._speculate(speculating, drafting=True)
+            self._speculate(speculating, draft_limit=None)
         elif speculating:
             self._governed_speculation(speculating, start + admission)
         return self.retire()
 
-    def _speculate(self, seqs: list[Sequence], drafting: bool) -> DraftProposal:
-        proposal = self.propose(seqs, drafting)
+    def _speculate(self, seqs: list[Sequence], draft_limit: int | None) -> DraftProposal:
+        proposal = self.propose(seqs, draft_limit)
         self.commit(seqs, proposal, self.verifier.verify(seqs, proposal))
         return proposal
 
     def _governed_speculation(self, seqs: list[Sequence], start: float) -> None:
-        """Draft or not as the governor says, and tell it the rate. Timed from the end of the last
+        """Draft as far as the governor says (not at all, a short or the full length), and tell it the rate. Timed from the end of the last
         step, so what happens between steps counts too (a server streaming deltas: a mode whose
         long steps keep new requests waiting shows it in fewer tokens per second), less this step's
         admissions (`start` is moved past them): a prefill costs the same in either mode, and one
         landing in a block would decide its verdict. Not recorded: drafting steps that drafted
         nothing (a drafter that is down says nothing about drafting)."""
-        drafting = self.governor.drafting(len(seqs))
+        draft_limit = self.governor.draft_limit(len(seqs))
         before = sum(seq.num_tokens for seq in seqs)
-        proposal = self._speculate(seqs, drafting)
-        if not drafting or bool(proposal.num_draft_tokens.any()):
-            self.governor.record(len(seqs), drafting, sum(seq.num_tokens for seq in seqs) - before,
+        proposal = self._speculate(seqs, draft_limit)
+        if draft_limit == 0 or bool(proposal.num_draft_tokens.any()):
+            self.governor.record(len(seqs), draft_limit, sum(seq.num_tokens for seq in seqs) - before,
                                  time.perf_counter() - start)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
@@ -114,9 +114,11 @@ class SpeculativeEngine:
         self.drafter.add([seq for seq in admitted if not seq.is_finished], output.target_features)
         return admitted
 
-    def propose(self, seqs: list[Sequence], drafting: bool = True) -> DraftProposal:
-        """Drafts for `seqs`; with `drafting` off, for sampled sequences only (see engine.governor)."""
-        budgets = [self._draft_budget(seq) if drafting or not seq.request.sampling.is_greedy else 0 for seq in seqs]
+    def propose(self, seqs: list[Sequence], draft_limit: int | None = None) -> DraftProposal:
+        """Drafts for `seqs`, at most `draft_limit` per greedy sequence (0: drafts for sampled
+        sequences only; see engine.governor)."""
+        budgets = [self._draft_budget(seq, draft_limit if seq.request.sampling.is_greedy else None)
+                   for seq in seqs]
         if not any(budgets):
             return DraftProposal.empty(len(seqs))
         return self.drafter.propose(seqs, budgets)
@@ -131,11 +133,12 @@ class SpeculativeEngine:
         self.drafter.on_verified(seqs, proposal.num_draft_tokens.tolist(), result.num_accepted.tolist(),
                                  output.target_features)
 
-    def _draft_budget(self, seq: Sequence) -> int:
+    def _draft_budget(self, seq: Sequence, limit: int | None) -> int:
         # Each step emits up to budget + 1 tokens and the target scores positions up to
         # num_tokens - 1 + budget, so neither max_tokens nor the context limit is overrun.
         room_in_context = self.stop_rules.context_limit - seq.num_tokens - 1
-        return max(0, min(self.num_speculative_tokens, seq.remaining_tokens - 1, room_in_context))
+        most = self.num_speculative_tokens if limit is None else min(limit, self.num_speculative_tokens)
+        return max(0, min(most, seq.remaining_tokens - 1, room_in_context))
 
     def retire(self) -> list[Sequence]:
         """Release finished sequences: the end of a step."""

@@ -56,8 +56,11 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
 
 
 def drafting_governor(config: EngineConfig) -> SpeculationGovernor | None:
-    """The load-aware drafting switch, unless there is nothing to switch or it is turned off."""
-    return SpeculationGovernor() if config.load_aware_drafting and config.drafter != "none" else None
+    """The load-aware drafting switch (and draft length: the full one or half of it), unless there
+    is nothing to switch or it is turned off."""
+    if not config.load_aware_drafting or config.drafter == "none":
+        return None
+    return SpeculationGovernor(short_limit=config.num_speculative_tokens // 2 or None)
 
 
 def build_drafter(config: EngineConfig, models: LoadedModels, pad_token_id: int) -> Drafter:

@@ -50,6 +50,10 @@ class StrategyChooser:
             self._totals[mode][1] += seconds
 
     @property
+    def exploring(self) -> bool:
+        return self._exploring
+
+    @property
     def preferred(self) -> bool | None:
         return None if len(self.rates) < 2 else self.rates[True] > self.rates[False]
 

@@ -93,14 +93,17 @@ class ConfidenceOverlay:
 
 
 class Alternating:
-    """A drafting policy that turns drafting off every other step (deterministic, for tests)."""
+    """A drafting policy that cycles through full drafting, none, and at most 2 drafts per step
+    (deterministic, for tests); `recorded` holds (drafted, tokens) of each recorded step."""
 
     def __init__(self) -> None:
-        self._modes = itertools.cycle([True, False])
+        self._limits = itertools.cycle([None, 0, 2])
         self.recorded: list[tuple[bool, int]] = []
+        self.limits: list[int | None] = []
 
-    def drafting(self, batch_size: int) -> bool:
-        return next(self._modes)
+    def draft_limit(self, batch_size: int) -> int | None:
+        return next(self._limits)
 
-    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
-        self.recorded.append((drafted, num_tokens))
+    def record(self, batch_size: int, draft_limit: int | None, num_tokens: int, seconds: float) -> None:
+        self.recorded.append((draft_limit != 0, num_tokens))
+        self.limits.append(draft_limit)

@@ -71,18 +71,34 @@ def test_the_governor_compares_steps_per_sequence() -> None:
     those of a full bucket."""
     governor = SpeculationGovernor(window=1, exploit_windows=1)
     for batch_size, num_tokens in ((12, 12), (16, 24)):  # off at batch 12, then drafting at 16
-        drafted = governor.drafting(batch_size)
-        governor.record(batch_size, drafted, num_tokens, seconds=1.0)
-    governor.drafting(16)  # the verdict
+        governor.record(batch_size, governor.draft_limit(batch_size), num_tokens, seconds=1.0)
+    governor.draft_limit(16)  # the verdict
     assert governor.rates() == {16: {False: 16.0, True: 24.0}}
+
+
+def test_the_governor_times_a_short_draft_length_against_the_full_one() -> None:
+    """While drafting runs, a second chooser times the full length (first) against the short one
+    and keeps the faster; on/off explorations draft at the length it prefers. Here drafting pays,
+    and half the drafts pay more."""
+    governor = SpeculationGovernor(short_limit=4, window=1, exploit_windows=1)
+    rate = {0: 10, None: 12, 4: 20}
+    limits = []
+    for _ in range(24):
+        limits.append(governor.draft_limit(16))
+        governor.record(16, limits[-1], num_tokens=rate[limits[-1]], seconds=1.0)
+    assert limits[:2] == [0, None]  # the target alone first, then drafting at the full length
+    assert None not in limits[limits.index(4):]  # once the short length won, drafting uses it
+    assert limits[-8:] == [4] * 8
+    assert governor.length_rates() == {16: {True: 12.0, False: 20.0}}
 
 
 def governed_runs(governor: SpeculationGovernor, num_steps: int, drafting_rate: int, plain_rate: int) -> list:
     """Run lengths of the drafting decisions over `num_steps` steps of a batch of 16."""
     runs: list[list] = []
     for _ in range(num_steps):
-        drafted = governor.drafting(16)
-        governor.record(16, drafted, num_tokens=drafting_rate if drafted else plain_rate, seconds=1.0)
+        limit = governor.draft_limit(16)
+        drafted = limit != 0
+        governor.record(16, limit, num_tokens=drafting_rate if drafted else plain_rate, seconds=1.0)
         if runs and runs[-1][0] == drafted:
             runs[-1][1] += 1
         else:
@@ -115,10 +131,10 @@ def test_governor_learns_each_batch_size_bucket_on_its_own() -> None:
     governor = SpeculationGovernor(window=1, exploit_windows=3)
     for batch_size, drafting_pays in ((1, True), (16, False)):
         for _ in range(2):  # one exploration: both modes once
-            drafted = governor.drafting(batch_size)
-            governor.record(batch_size, drafted, num_tokens=3 if drafted == drafting_pays else 1, seconds=1.0)
-        assert [governor.drafting(batch_size) for _ in range(2)] == [drafting_pays] * 2
-    assert governor.drafting(9) is False  # 9..16 share the bucket of 16
+            limit = governor.draft_limit(batch_size)
+            governor.record(batch_size, limit, num_tokens=3 if (limit != 0) == drafting_pays else 1, seconds=1.0)
+        assert [governor.draft_limit(batch_size) != 0 for _ in range(2)] == [drafting_pays] * 2
+    assert governor.draft_limit(9) == 0  # 9..16 share the bucket of 16
     assert sorted(governor.rates()) == [1, 16]
 
 
@@ -146,9 +162,9 @@ class OffFirst(Alternating):
         super().__init__()
         self.num_off = num_off
 
-    def drafting(self, batch_size: int) -> bool:
+    def draft_limit(self, batch_size: int) -> int | None:
         self.num_off -= 1
-        return self.num_off < 0 and super().drafting(batch_size)
+        return 0 if self.num_off >= 0 else super().draft_limit(batch_size)
 
 
 @pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
@@ -176,8 +192,8 @@ class Timed(Alternating):
         super().__init__()
         self.seconds: list[float] = []
 
-    def record(self, batch_size: int, drafted: bool, num_tokens: int, seconds: float) -> None:
-        super().record(batch_size, drafted, num_tokens, seconds)
+    def record(self, batch_size: int, draft_limit: int | None, num_tokens: int, seconds: float) -> None:
+        super().record(batch_size, draft_limit, num_tokens, seconds)
         self.seconds.append(seconds)
 
 
@@ -217,6 +233,25 @@ def test_a_step_is_not_timed_through_its_admissions(tiny) -> None:
     engine.add_request(GenerationRequest([8, 9], max_tokens=32))
     engine.step()  # admits the second while the first speculates
     assert len(policy.seconds) == 1 and policy.seconds[0] < 0.2
+
+
+class Limited(Alternating):
+    def draft_limit(self, batch_size: int) -> int | None:
+        return 1
+
+
+def test_a_draft_limit_caps_greedy_sequences_only(tiny, reference) -> None:
+    """A sampled sequence's draws follow its drafts: only greedy ones are cut to the limit."""
+    models = tiny("llama")
+    engine = make_engine(models.target, make_drafter("echo", models.target, models.draft, 3), 3)
+    engine.governor = Limited()
+    greedy = engine.add_request(GenerationRequest(list(PROMPTS[0]), max_tokens=MAX_TOKENS[0]))
+    sampled = engine.add_request(GenerationRequest([5, 6, 7], SamplingParams(temperature=0.9, seed=1), max_tokens=16))
+    while engine.has_unfinished():
+        engine.step()
+    assert 0 < greedy.stats.num_draft_tokens <= greedy.stats.num_steps  # at most one draft per step
+    assert sampled.stats.num_draft_tokens > sampled.stats.num_steps
+    assert_matches_target_alone(tiny, reference, "llama", [greedy], PROMPTS[:1], MAX_TOKENS[:1])
 
 
 def test_sampled_sequences_are_never_governed(tiny) -> None:

@@ -22,8 +22,8 @@ def looking_ahead(engine, should_stop=lambda: False):
     """`engine` with a look-ahead after every proposal; returns it."""
     propose = engine.propose
 
-    def propose_then_look_ahead(seqs, drafting=True):
-        proposal = propose(seqs, drafting)
+    def propose_then_look_ahead(seqs, draft_limit=None):
+        proposal = propose(seqs, draft_limit)
         engine.drafter.look_ahead(seqs, should_stop)
         return proposal
 
