@@ -75,8 +75,9 @@ class EngineConfig(FrozenModel):
         description=(
             "Time steps with and without drafting at each batch size (powers of two) and draft only where "
             "it commits more tokens per second, so speculation never runs slower than the target alone by "
-            "more than the exploration costs. Greedy sequences only: sampled ones always draft, so their "
-            "seeded outputs never depend on timing. Off: always draft."
+            "more than the exploration costs; while drafting, time the full draft length against half of it "
+            "and keep the faster. Greedy sequences only: sampled ones always draft their full length, so "
+            "their seeded outputs never depend on timing. Off: always draft the full length."
         ),
     )
 
