@@ -72,12 +72,13 @@ class SpeculativeEngine:
         return proposal
 
     def _governed_speculation(self, seqs: list[Sequence], start: float) -> None:
-        """Draft as far as the governor says (not at all, a short or the full length), and tell it the rate. Timed from the end of the last
-        step, so what happens between steps counts too (a server streaming deltas: a mode whose
-        long steps keep new requests waiting shows it in fewer tokens per second), less this step's
-        admissions (`start` is moved past them): a prefill costs the same in either mode, and one
-        landing in a block would decide its verdict. Not recorded: drafting steps that drafted
-        nothing (a drafter that is down says nothing about drafting)."""
+        """Draft as far as the governor says (not at all, a short or the full length), and tell it
+        the rate. Timed from the end of the last step, so what happens between steps counts too (a
+        server streaming deltas: a mode whose long steps keep new requests waiting shows it in fewer
+        tokens per second), less this step's admissions (`start` is moved past them): a prefill
+        costs the same in either mode, and one landing in a block would decide its verdict. Not
+        recorded: drafting steps that drafted nothing (a drafter that is down says nothing about
+        drafting)."""
         draft_limit = self.governor.draft_limit(len(seqs))
         before = sum(seq.num_tokens for seq in seqs)
         proposal = self._speculate(seqs, draft_limit)

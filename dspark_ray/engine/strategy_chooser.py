@@ -13,7 +13,7 @@ step by step: a step can leave costs to the next one (with worker actors, rollin
 drafts travels with the next command; drafting leaves holes in the KV cache that every later step
 attends over until a compaction), which alternation would charge to the other strategy. Several
 shorter blocks time both strategies under the same conditions where those drift within a window
-(a served batch whose sequences are all early in their generations drafts far better than later).
+(requests coming and going, and how well a batch's drafts are accepted, change from block to block).
 Each pair starts with the incumbent (the last winner; `explore_first` before any verdict), so it
 is timed in the state it runs in, and the challenger's block pays the switch into it.
 """
