@@ -43,6 +43,10 @@ class DraftingPolicy(Protocol):
 # way round, the first verdict leans against drafting: safe to settle on when it is decisive.
 DECISIVE = 1.25
 GROWTH = 4
+# A verdict that repeats the last one settles at 1.15x apart: on worker actors at c=16 four verdicts
+# in a row came out 1.18-1.24x against drafting, each just short of 1.25, and each exploration cost
+# drafting steps at that loss.
+CONFIRMING = 1.15
 # Both modes are timed in alternating blocks of 4 steps, not one window each: in a served c=16 run
 # a first window of steps undrafted, then one drafting, met different batches (admissions, a batch
 # shrunk to 11; acceptance varies from batch to batch, 1.5-4.9 tokens per sequence and step).
@@ -109,7 +113,8 @@ class SpeculationGovernor:
 
     def _chooser(self, explore_first: bool) -> StrategyChooser:
         return StrategyChooser(self.window, self.exploit_windows, self.max_exploit_windows,
-                               explore_first=explore_first, decisive=DECISIVE, growth=GROWTH, block=self.block)
+                               explore_first=explore_first, decisive=DECISIVE, growth=GROWTH, block=self.block,
+                               confirming=CONFIRMING)
 
 
 def _bucket_size(batch_size: int) -> int:

@@ -6,7 +6,8 @@ faster one runs for `exploit_windows` windows, then both are explored again (tra
 winner that wins again multiplies the next exploitation by `growth`, up to `max_exploit_windows`,
 so a settled choice soon costs little exploration while an early, noisy verdict is soon
 re-examined; a change of winner resets it. A decisive verdict (faster by more than `decisive`
-times) goes straight to the longest exploitation.
+times, or by more than `confirming` times when it repeats the last one) goes straight to the
+longest exploitation.
 An exploration only ends once both strategies have recorded steps.
 Explorations alternate the strategies in blocks of `block` steps (by default one block each), not
 step by step: a step can leave costs to the next one (with worker actors, rolling back rejected
@@ -26,12 +27,13 @@ from collections import deque
 class StrategyChooser:
     def __init__(self, window: int = 8, exploit_windows: int = 16, max_exploit_windows: int | None = None,
                  explore_first: bool = False, decisive: float = float("inf"), growth: int = 2,
-                 block: int | None = None) -> None:
+                 block: int | None = None, confirming: float | None = None) -> None:
         self.window = window
         self.block = block or window  # steps per block of an exploration; each strategy runs window steps
         self.growth = growth
         self.explore_first = explore_first  # the strategy the first exploration starts with
         self.decisive = decisive
+        self.confirming = decisive if confirming is None else confirming  # the bar for a repeated verdict
         self.base_exploit_windows = self.exploit_windows = exploit_windows
         self.max_exploit_windows = exploit_windows if max_exploit_windows is None else max_exploit_windows
         self.rates: dict[bool, float] = {}  # tokens/s of the last exploration, by strategy
@@ -66,9 +68,10 @@ class StrategyChooser:
             self._totals = {True: [0, 0.0], False: [0, 0.0]}
             self._exploring = False
             slower, faster = sorted(self.rates.values())
-            if faster > self.decisive * slower:
+            repeated = self.preferred == previous
+            if faster > self.decisive * slower or (repeated and faster > self.confirming * slower):
                 self.exploit_windows = self.max_exploit_windows
-            elif self.preferred == previous:
+            elif repeated:
                 self.exploit_windows = min(self.growth * self.exploit_windows, self.max_exploit_windows)
             else:
                 self.exploit_windows = self.base_exploit_windows
