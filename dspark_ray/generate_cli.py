@@ -35,7 +35,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target SPS profile JSON from `dspark-ray profile` (default: <target>_profile.json)")
     parser.add_argument("--load-aware-drafting", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.model_fields["load_aware_drafting"].default,
-                        help="per batch size, draft greedy sequences only where timing shows drafting pays")
+                        help="per batch size, draft greedy sequences only where timing shows drafting pays, "
+                             "at the full or half draft length, whichever is faster")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
