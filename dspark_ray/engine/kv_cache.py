@@ -11,6 +11,8 @@ This module knows nothing about drafts, sampling or which model it serves.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +33,8 @@ class ForwardInputs:
 
 
 class BatchKVCache:
-    """A batch of per-sequence caches with verbs: append (via forward), truncate, select, merge, compact."""
+    """A batch of per-sequence caches with verbs: append (via forward), truncate, select, merge, compact,
+    and narrow (a forward over some rows only)."""
 
     def __init__(self, hf_cache: DynamicCache, num_rows: int) -> None:
         self.hf_cache = hf_cache
@@ -117,6 +120,32 @@ class BatchKVCache:
         self.slot_valid = torch.cat([self.slot_valid, other.slot_valid])
         self.cached_tokens.extend(other.cached_tokens)
 
+    @contextmanager
+    def narrowed(self, rows: list[int]) -> Iterator["BatchKVCache"]:
+        """A cache of `rows` alone (in that order) for one forward, so the other rows cost it
+        nothing. The HF cache holds copies of just those rows inside the block; after it they are
+        written back and the other rows get the appended slots as holes, as if fed nothing. If
+        the block raises, the cache is left as it was."""
+        index = torch.tensor(rows, dtype=torch.long)
+        full = [(layer, layer.keys, layer.values) for layer in self._layers()]
+        for layer, keys, values in full:
+            layer.keys, layer.values = keys[index], values[index]
+        part = BatchKVCache(self.hf_cache, 0)
+        part.slot_valid = self.slot_valid[index]
+        part.cached_tokens = [self.cached_tokens[row] for row in rows]  # shared: commit extends ours
+        try:
+            yield part
+        except BaseException:
+            for layer, keys, values in full:
+                layer.keys, layer.values = keys, values
+            raise
+        extra = part.num_slots - self.num_slots
+        for layer, keys, values in full:
+            layer.keys = _put_rows(_pad_dim2(keys, extra), index, layer.keys)
+            layer.values = _put_rows(_pad_dim2(values, extra), index, layer.values)
+        self.slot_valid = _put_rows(torch.cat([self.slot_valid, torch.zeros(self.num_rows, extra, dtype=torch.bool)],
+                                              1), index, part.slot_valid)
+
     def needs_compaction(self) -> bool:
         """Holes cost on every forward (the HF cache grows by concatenating all its slots, and
         attention spans every slot); compacting costs about one such copy. So compact as soon as
@@ -156,5 +185,12 @@ def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _pad_dim2(states: torch.Tensor, extra: int) -> torch.Tensor:
+    if extra == 0:
+        return states
     padding = states.new_zeros(states.shape[0], states.shape[1], extra, states.shape[3])
     return torch.cat([states, padding], dim=2)
+
+
+def _put_rows(states: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    states[index.to(states.device)] = rows
+    return states

@@ -23,7 +23,7 @@ class CausalLMRunner:
                  capture_layers: list[int] | None = None) -> None:
         self.model = model
         self.capture = LayerCapture(model, capture_layers) if capture_layers else None
-        self.last_features: torch.Tensor | None = None  # [B, T, L*H] of the last forward, if capturing
+        self.last_features: torch.Tensor | None = None  # [N, T, L*H] of the last forward, if capturing
         self.pad_token_id = pad_token_id
         self.max_position = context_limit(model)
         self.dtype = next(model.parameters()).dtype
@@ -58,9 +58,22 @@ class CausalLMRunner:
             self.cache = self._new_cache(0)
 
     def forward(self, token_lists: Mapping[int, list[int]]) -> torch.Tensor:
-        """Append tokens to the named sequences (others get none); logits in row order. # [B, T, V]"""
-        lists = [token_lists.get(seq_id, []) for seq_id in self.seq_ids]
-        return self._forward(self.cache, lists)
+        """Append tokens to the named sequences; logits (and `last_features`) in the order of
+        `token_lists`. # [N, T, V]
+
+        The other sequences get nothing and cost nothing: the forward runs over the named rows
+        alone (a pipelined micro-batch, the draft rows still confident), not over padded rows."""
+        rows = [self.seq_ids.index(seq_id) for seq_id in token_lists]
+        if len(rows) < len(self.seq_ids):
+            with self.cache.narrowed(rows) as part:
+                return self._forward(part, list(token_lists.values()))
+        logits = self._forward(self.cache, [token_lists[seq_id] for seq_id in self.seq_ids])
+        if rows == sorted(rows):
+            return logits
+        index = torch.tensor(rows)
+        if self.last_features is not None:
+            self.last_features = self.last_features[index]
+        return logits[index]
 
     def cached_tokens(self, seq_id: int) -> list[int]:
         return self.cache.cached_tokens[self.seq_ids.index(seq_id)]

@@ -30,7 +30,6 @@ class VerifyOutput:
 @dataclass(frozen=True, eq=False)
 class DraftScores:
     target_logits: torch.Tensor  # [B, K+1, V]: position j scores draft j, the last one the bonus
-    rows: list[int]  # [B] each sequence's row in the runner
     num_fed_committed: list[int]  # [B] committed tokens fed before the drafts
 
 
@@ -56,13 +55,13 @@ class TargetVerifier:
         logits = self.prefill(seqs)  # [N, V]
         result = _verify(seqs, DraftProposal.empty(len(seqs)), logits[:, None])
         num_kept = [len(seq.request.prompt_token_ids) for seq in seqs]
-        return VerifyOutput(result, self._features(seqs, range(len(seqs)), num_kept))
+        return VerifyOutput(result, self._features(seqs, num_kept))
 
     def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
         scores = self.score(seqs, proposal)
         result = _verify(seqs, proposal, scores.target_logits)
         kept = [fed + int(n) for fed, n in zip(scores.num_fed_committed, result.num_accepted)]
-        return VerifyOutput(result, self._features(seqs, scores.rows, kept))
+        return VerifyOutput(result, self._features(seqs, kept))
 
     # The forward halves of add and verify: tensor-parallel ranks other than 0 run only these,
     # in lockstep with rank 0, which also applies the rule.
@@ -74,18 +73,18 @@ class TargetVerifier:
     def score(self, seqs: list[Sequence], proposal: DraftProposal) -> DraftScores:
         suffixes = [self.runner.uncached_suffix(seq.seq_id, seq.token_ids) for seq in seqs]
         feed = {seq.seq_id: suffix + proposal.drafts(row) for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
-        logits = self.runner.forward(feed)  # [R, T, V] in runner row order
-        rows = torch.tensor([self.runner.seq_ids.index(seq.seq_id) for seq in seqs])  # [B]
+        logits = self.runner.forward(feed)  # [B, T, V] in the order of seqs
+        rows = torch.arange(len(seqs))  # [B]
         first = torch.tensor([len(suffix) - 1 for suffix in suffixes])  # [B]: logits after the last committed token
         positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]  # [B, K+1]
         target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
-        return DraftScores(target_logits, rows.tolist(), [len(suffix) for suffix in suffixes])
+        return DraftScores(target_logits, [len(suffix) for suffix in suffixes])
 
-    def _features(self, seqs: list[Sequence], rows, num_kept: list[int]) -> TargetFeatures | None:
-        features = self.runner.last_features  # [R, T, L*H]
+    def _features(self, seqs: list[Sequence], num_kept: list[int]) -> TargetFeatures | None:
+        features = self.runner.last_features  # [B, T, L*H] in the order of seqs
         if features is None:
             return None
-        return {seq.seq_id: features[row, :kept] for seq, row, kept in zip(seqs, rows, num_kept)}
+        return {seq.seq_id: features[row, :kept] for row, (seq, kept) in enumerate(zip(seqs, num_kept))}
 
     def sync(self, seqs: list[Sequence]) -> None:
         self.runner.sync({seq.seq_id: seq.token_ids for seq in seqs})

@@ -414,6 +414,71 @@ def test_cache_compact(tiny, arch):
     assert_rows_match_fresh_prefill(runner, model, expected)
 
 
+def cache_snapshot(runner: CausalLMRunner) -> tuple:
+    layers = runner.cache._layers()
+    return ([layer.keys.clone() for layer in layers], [layer.values.clone() for layer in layers],
+            runner.cache.slot_valid.clone(), [list(tokens) for tokens in runner.cache.cached_tokens])
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_forward_runs_over_the_named_rows_only(tiny, arch, monkeypatch):
+    model = tiny(arch).target
+    runner = filled_runner(model)
+    keys_before, values_before, valid_before, _ = cache_snapshot(runner)
+    batch_sizes = []
+    model_forward = type(model).forward
+
+    def spied(self, *args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])  # the runner passes keywords
+        return model_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spied)
+    logits = runner.forward({2: [41, 42], 0: [19]})  # named out of row order
+    monkeypatch.undo()
+
+    assert batch_sizes == [2]  # row 1 was not padded into the forward
+    torch.testing.assert_close(logits[0, 1], fresh_next_logits(model, SEQS[2] + [40, 41, 42]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1, 0], fresh_next_logits(model, SEQS[0] + [16, 17, 18, 19]),
+                               atol=1e-4, rtol=1e-4)
+    old_slots = valid_before.shape[1]
+    assert not runner.cache.slot_valid[1, old_slots:].any()  # the unnamed row got holes, bit-identical KV
+    assert torch.equal(runner.cache.slot_valid[1, :old_slots], valid_before[1])
+    for layer, keys, values in zip(runner.cache._layers(), keys_before, values_before):
+        assert torch.equal(layer.keys[1, :, :old_slots], keys[1])
+        assert torch.equal(layer.values[1, :, :old_slots], values[1])
+    assert_rows_match_fresh_prefill(runner, model, {0: SEQS[0] + [16, 17, 18, 19], 1: SEQS[1],
+                                                    2: SEQS[2] + [40, 41, 42]})
+
+
+def test_a_forward_returns_rows_in_the_order_named(tiny):
+    model = tiny("llama").target
+    runner = filled_runner(model)
+    logits = runner.forward({2: [41], 1: [22], 0: [19]})  # every row, out of row order
+    for row, (seq_id, tokens) in enumerate([(2, SEQS[2] + [40, 41]), (1, SEQS[1] + [22]),
+                                            (0, SEQS[0] + [16, 17, 18, 19])]):
+        torch.testing.assert_close(logits[row, 0], fresh_next_logits(model, tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_a_failed_forward_over_some_rows_leaves_the_cache_as_it_was(tiny, monkeypatch):
+    model = tiny("deepseek_v3").target
+    runner = filled_runner(model)
+    before = cache_snapshot(runner)
+    model_forward = type(model).forward
+
+    def fails_after_the_cache_grew(self, *args, **kwargs):
+        model_forward(self, *args, **kwargs)  # every layer has appended its slots by now
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(type(model), "forward", fails_after_the_cache_grew)
+    with pytest.raises(RuntimeError, match="device lost"):
+        runner.forward({0: [19]})
+
+    after = cache_snapshot(runner)
+    for tensors_before, tensors_after in zip(before[:2], after[:2]):
+        assert all(torch.equal(a, b) for a, b in zip(tensors_before, tensors_after))
+    assert torch.equal(before[2], after[2]) and before[3] == after[3]
+
+
 # ---------------------------------------------------------------- n-gram lookup
 
 

@@ -90,7 +90,8 @@ class DraftModelDrafter:
                 self._confident_drafts[seq.seq_id] = drafts
         while feed:
             logits = self._last_logits(feed, seqs)  # [B, V]
-            draft_probs = draft_distributions(logits, sampling, self.draft_probs_transform)  # [B, V]
+            draft_probs = (draft_distributions(logits, sampling, self.draft_probs_transform)  # [B, V]
+                           if any_sampled else None)  # greedy drafts are argmaxes: no distributions
             chosen = self._choose(draft_probs, logits, sampling, seqs, feed)  # [B]
             confidence = torch.softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
             next_feed = {}
@@ -117,10 +118,10 @@ class DraftModelDrafter:
         confident = dict.fromkeys(assumed, True)
         feed = {seq_id: self.runner.uncached_suffix(seq_id, tokens) for seq_id, tokens in assumed.items()}
         while feed and not should_stop():
-            logits = self.runner.forward(feed)  # [R, T, V] in runner order
+            logits = self.runner.forward(feed)  # [N, T, V] in the order of feed
             next_feed = {}
-            for seq_id, fed in feed.items():
-                row_logits = logits[self.runner.seq_ids.index(seq_id), len(fed) - 1]  # [V]
+            for row, (seq_id, fed) in enumerate(feed.items()):
+                row_logits = logits[row, len(fed) - 1]  # [V]
                 token = int(row_logits.argmax())
                 chains[seq_id].append(token)
                 confident[seq_id] = self._confident(float(torch.softmax(row_logits, -1)[token]))
@@ -170,13 +171,14 @@ class DraftModelDrafter:
         return self.adaptive != "confidence" or confidence >= self.confidence_threshold
 
     def _last_logits(self, feed: dict[int, list[int]], seqs: list[Sequence]) -> torch.Tensor:
-        logits = self.runner.forward(feed)  # [R, T, V] in runner order
-        rows = [self.runner.seq_ids.index(seq.seq_id) if seq.seq_id in feed else 0 for seq in seqs]
+        logits = self.runner.forward(feed)  # [N, T, V] in the order of feed
+        row_of = {seq_id: row for row, seq_id in enumerate(feed)}
+        rows = [row_of.get(seq.seq_id, 0) for seq in seqs]
         last = [len(feed[seq.seq_id]) - 1 if seq.seq_id in feed else 0 for seq in seqs]
         return logits[torch.tensor(rows), torch.tensor(last)]
 
     @staticmethod
-    def _choose(draft_probs: torch.Tensor, logits: torch.Tensor, sampling: SamplingTensors,
+    def _choose(draft_probs: torch.Tensor | None, logits: torch.Tensor, sampling: SamplingTensors,
                 seqs: list[Sequence], feed: dict[int, list[int]]) -> torch.Tensor:
         """Greedy rows take the argmax; sampled rows that are drafting draw from their own RNG
         (only those, so a sequence's randomness never depends on its batch neighbours)."""
