@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from dspark_ray.engine.drafters.base import DraftProposal, Drafter
+from dspark_ray.engine.drafters.base import DraftProposal, Drafter, TargetFeatures
 from dspark_ray.engine.governor import DraftingPolicy
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 from dspark_ray.engine.stopping import StopRules
@@ -104,16 +104,27 @@ class SpeculativeEngine:
 
     def admit(self) -> list[Sequence]:
         """Prefill waiting prompts; the target's next-token distribution gives their first token."""
+        admitted, target_features = self.prefill()
+        self.introduce(admitted, target_features)
+        return admitted
+
+    def prefill(self) -> tuple[list[Sequence], TargetFeatures | None]:
+        """The target's half of admitting: prompts in, first tokens out. `introduce` must follow
+        before the admitted sequences draft."""
         room = self.max_batch_size - len(self.running)
         admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
         if not admitted:
-            return []
+            return [], None
         self.running.extend(admitted)
         output = self.verifier.add(admitted)
         for row, seq in enumerate(admitted):  # the prefill's token is no verification step: no stats
             self.stop_rules.append(seq, output.result.tokens(row))
-        self.drafter.add([seq for seq in admitted if not seq.is_finished], output.target_features)
-        return admitted
+        return admitted, output.target_features
+
+    def introduce(self, admitted: list[Sequence], target_features: TargetFeatures | None) -> None:
+        """The drafter's half of admitting."""
+        if admitted:
+            self.drafter.add([seq for seq in admitted if not seq.is_finished], target_features)
 
     def propose(self, seqs: list[Sequence], draft_limit: int | None = None) -> DraftProposal:
         """Drafts for `seqs`, at most `draft_limit` per greedy sequence (0: drafts for sampled

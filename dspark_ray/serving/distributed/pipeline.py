@@ -4,10 +4,11 @@
 public phases (admit, propose, commit, retire), so the commit, stop and lossless logic is the
 engine's own. Running sequences alternate between two micro-batches. One pipelined step:
 
-    1. admit waiting requests (target prefill; they join the next proposal);
-    2. on a thread, propose for the micro-batch that is not waiting for verification, while
-       3. the target verifies the micro-batch whose proposal is ready;
-    4. join, commit what the target kept, retire finished sequences.
+    1. on a thread, propose for the micro-batch that is not waiting for verification, while
+       2. the target prefills waiting requests (they join a later proposal) and verifies the
+          micro-batch whose proposal is ready;
+    3. join, introduce the new requests to the drafter, commit what the target kept, retire
+       finished sequences.
 
 Each sequence still alternates propose -> verify -> commit, with the same draft budgets and the
 same per-sequence order of random draws as the unpipelined engine; only the batching differs.
@@ -69,23 +70,25 @@ class PipelinedEngine(SpeculativeEngine):
         self._drafting.shutdown(wait=True)
 
     def _pipelined_step(self, propose_next: bool) -> list[Sequence]:
-        self.admit()
+        if all(seq.is_finished for seq in self.running):  # nothing to draft meanwhile: prefill first
+            self.admit()
         active = [seq for seq in self.running if not seq.is_finished]
         ready, self._ready = self._still_running(self._ready, active), None
         if ready is None and active:  # cold start: the target waits for one proposal
             first = active[: (len(active) + 1) // 2]
             ready = MicroBatch(first, self.propose(first))
-        if ready is None:
-            return self.retire()
-        in_ready = {seq.seq_id for seq in ready.seqs}
+        in_ready = {seq.seq_id for seq in ready.seqs} if ready is not None else set()
         upcoming = [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
         upcoming = upcoming if propose_next else []
         drafting = self._drafting.submit(self.propose, upcoming) if upcoming else None
-        try:
-            output = self.verifier.verify(ready.seqs, ready.proposal)
+        try:  # the target prefills new prompts and verifies while the drafter drafts
+            admitted, target_features = self.prefill()
+            output = self.verifier.verify(ready.seqs, ready.proposal) if ready is not None else None
         finally:  # never leave a proposal running into the next step
             upcoming_proposal = drafting.result() if drafting is not None else None
-        self.commit(ready.seqs, ready.proposal, output)
+        self.introduce(admitted, target_features)
+        if ready is not None:
+            self.commit(ready.seqs, ready.proposal, output)
         if upcoming:
             self._ready = MicroBatch(upcoming, upcoming_proposal)
         return self.retire()

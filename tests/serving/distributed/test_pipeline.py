@@ -56,6 +56,35 @@ def test_micro_batches_alternate_and_overlap(tiny) -> None:
     assert background[:2] == [verified[1], verified[0]]  # drafted while the target verified the other half
 
 
+def test_the_target_prefills_new_requests_while_the_drafter_drafts(tiny, local_outputs) -> None:
+    config = engine_config(tiny("llama"), "model")
+    engine = _pipelined(config)
+    proposing, overlapped, watching = threading.Event(), [], []
+    propose, add = engine.drafter.propose, engine.verifier.add
+
+    def spy_propose(seqs, budgets):
+        if threading.current_thread().name.startswith("propose"):
+            proposing.set()
+        return propose(seqs, budgets)
+
+    def spy_add(seqs):
+        if watching:  # not the first admission, which has nothing to overlap with
+            overlapped.append(proposing.wait(timeout=2))  # times out if the drafter is not drafting
+        return add(seqs)
+
+    engine.drafter.propose, engine.verifier.add = spy_propose, spy_add
+    early = [engine.add_request(request) for request in greedy_requests()[:3]]
+    engine.step()
+    engine.step()
+    proposing.clear()
+    watching.append(True)
+    late = [engine.add_request(request) for request in greedy_requests()[3:]]
+    while engine.has_unfinished():
+        engine.step()
+    assert overlapped == [True]
+    assert outputs(early + late) == local_outputs(config, greedy_requests())
+
+
 def test_abort_drops_rows_of_a_ready_proposal(tiny, local_outputs) -> None:
     config = engine_config(tiny("llama"), "model")
     engine = _pipelined(config)
