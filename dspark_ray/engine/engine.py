@@ -163,7 +163,12 @@ class SpeculativeEngine:
         if not seqs:
             return
         seq_ids = [seq.seq_id for seq in seqs]
-        self.verifier.remove(seq_ids)
-        self.drafter.remove(seq_ids)
         gone = set(seq_ids)
         self.running = [seq for seq in self.running if seq.seq_id not in gone]
+        self.free(seq_ids)
+
+    def free(self, seq_ids: list[int]) -> None:
+        """Drop released sequences' caches in the verifier and the drafter (a step strategy may
+        defer this to overlap it with other work)."""
+        self.verifier.remove(seq_ids)
+        self.drafter.remove(seq_ids)

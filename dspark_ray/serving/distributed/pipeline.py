@@ -51,6 +51,7 @@ class PipelinedEngine(SpeculativeEngine):
         self.chooser = PipeliningChooser()
         self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
         self._ready: MicroBatch | None = None  # proposed, waiting for the target
+        self._unfreed: list[int] = []  # released sequences the workers still hold
 
     def step(self) -> list[Sequence]:
         pipelined = self.chooser.next_mode() if self.pipelining == "auto" else self.pipelining == "on"
@@ -58,6 +59,7 @@ class PipelinedEngine(SpeculativeEngine):
         start = time.perf_counter()
         if not pipelined:
             self._ready = self._still_running(self._ready, [seq for seq in self.running if not seq.is_finished])
+            self._free_now()
         if pipelined or self._ready is not None:  # switching off: first verify what is proposed
             finished = self._pipelined_step(propose_next=pipelined)
         else:
@@ -65,6 +67,19 @@ class PipelinedEngine(SpeculativeEngine):
         num_tokens = sum(len(seq.output_token_ids) - before.get(seq.seq_id, 0) for seq in self.running + finished)
         self.chooser.record(pipelined, num_tokens, time.perf_counter() - start)
         return finished
+
+    def free(self, seq_ids: list[int]) -> None:
+        """Deferred to the next step, where each worker frees them next to its own work (two
+        Remove calls in a row, between steps, would keep both workers waiting); at once when no
+        step follows."""
+        self._unfreed.extend(seq_ids)
+        if not self.has_unfinished():
+            self._free_now()
+
+    def _free_now(self) -> None:
+        unfreed, self._unfreed = self._unfreed, []
+        if unfreed:
+            super().free(unfreed)
 
     def shutdown(self) -> None:
         self._drafting.shutdown(wait=True)
@@ -80,18 +95,28 @@ class PipelinedEngine(SpeculativeEngine):
         in_ready = {seq.seq_id for seq in ready.seqs} if ready is not None else set()
         upcoming = [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
         upcoming = upcoming if propose_next else []
-        drafting = self._drafting.submit(self.propose, upcoming) if upcoming else None
-        try:  # the target prefills new prompts and verifies while the drafter drafts
+        unfreed, self._unfreed = self._unfreed, []
+        drafting = self._drafting.submit(self._free_and_propose, unfreed, upcoming) if upcoming else None
+        try:  # the target frees, prefills new prompts and verifies while the drafter drafts
+            if unfreed:
+                self.verifier.remove(unfreed)
             admitted, target_features = self.prefill()
             output = self.verifier.verify(ready.seqs, ready.proposal) if ready is not None else None
         finally:  # never leave a proposal running into the next step
             upcoming_proposal = drafting.result() if drafting is not None else None
+        if drafting is None and unfreed:
+            self.drafter.remove(unfreed)
         self.introduce(admitted, target_features)
         if ready is not None:
             self.commit(ready.seqs, ready.proposal, output)
         if upcoming:
             self._ready = MicroBatch(upcoming, upcoming_proposal)
         return self.retire()
+
+    def _free_and_propose(self, unfreed: list[int], seqs: list[Sequence]) -> DraftProposal:
+        if unfreed:
+            self.drafter.remove(unfreed)
+        return self.propose(seqs)
 
     @staticmethod
     def _still_running(batch: MicroBatch | None, active: list[Sequence]) -> MicroBatch | None:

@@ -85,6 +85,31 @@ def test_the_target_prefills_new_requests_while_the_drafter_drafts(tiny, local_o
     assert outputs(early + late) == local_outputs(config, greedy_requests())
 
 
+def test_finished_sequences_are_freed_next_to_the_next_steps_work(tiny, local_outputs) -> None:
+    config = engine_config(tiny("llama"), "model")
+    engine = _pipelined(config)
+    removals: list[tuple[str, list[int], str]] = []
+    remove_target, remove_draft = engine.verifier.remove, engine.drafter.remove
+
+    def spy(role, remove):
+        def spied(seq_ids):
+            removals.append((role, list(seq_ids), threading.current_thread().name))
+            return remove(seq_ids)
+        return spied
+
+    engine.verifier.remove, engine.drafter.remove = spy("target", remove_target), spy("draft", remove_draft)
+    requests = [GenerationRequest(prompt, max_tokens=4 + 6 * i) for i, prompt in enumerate(PROMPTS)]
+    seqs = [engine.add_request(request) for request in requests]
+    while engine.has_unfinished():
+        engine.step()
+
+    assert outputs(seqs) == local_outputs(config, requests)
+    for role, runner in (("target", engine.verifier.runner), ("draft", engine.drafter.runner)):
+        freed = [seq_id for who, seq_ids, _ in removals if who == role for seq_id in seq_ids]
+        assert sorted(freed) == sorted(seq.seq_id for seq in seqs) and runner.seq_ids == []
+    assert any(role == "draft" and thread.startswith("propose") for role, _, thread in removals)
+
+
 def test_abort_drops_rows_of_a_ready_proposal(tiny, local_outputs) -> None:
     config = engine_config(tiny("llama"), "model")
     engine = _pipelined(config)
