@@ -1,22 +1,24 @@
 """Pipelining across requests: the drafter drafts one micro-batch while the target verifies the other.
 
 `PipelinedEngine` is the `SpeculativeEngine` with another step strategy; it reuses the engine's
-public phases (admit, propose, commit, retire), so the commit, stop and lossless logic is the
-engine's own. Running sequences alternate between two micro-batches. One pipelined step:
+public phases (prefill, introduce, propose, commit, retire, free), so the commit, stop and
+lossless logic is the engine's own. Running sequences alternate between two micro-batches. One
+pipelined step:
 
-    1. on a thread, propose for the micro-batch that is not waiting for verification, while
-       2. the target prefills waiting requests (they join a later proposal) and verifies the
-          micro-batch whose proposal is ready;
+    1. on a thread, the drafter frees the sequences the last step retired and proposes for the
+       micro-batch that is not waiting for verification, while
+       2. the target frees them too, prefills waiting requests (they join a later proposal) and
+          verifies the micro-batch whose proposal is ready;
     3. join, introduce the new requests to the drafter, commit what the target kept, retire
-       finished sequences.
+       finished sequences (the workers free them in the next step, or at once if none follows).
 
 Each sequence still alternates propose -> verify -> commit, with the same draft budgets and the
 same per-sequence order of random draws as the unpipelined engine; only the batching differs.
 
-Overlap pays when drafting and verifying run on separate hardware and their cost grows with the
-batch; it loses when both share a few CPU cores or each call costs the same at any batch size
-(a half batch then costs as much as a whole one). Mode "auto" therefore times both strategies on
-live traffic (`PipeliningChooser`) and keeps the faster; "on" and "off" force one.
+Overlap pays when drafting and verifying both take time (each micro-batch costs only its own
+rows: `CausalLMRunner.forward`); it loses when one of them is nearly free or both share a few
+busy CPU cores. Mode "auto" therefore times both strategies on live traffic
+(`PipeliningChooser`) and keeps the faster; "on" and "off" force one.
 """
 
 from __future__ import annotations
