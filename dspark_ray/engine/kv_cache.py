@@ -129,7 +129,8 @@ class BatchKVCache:
         index = torch.tensor(rows, dtype=torch.long)
         full = [(layer, layer.keys, layer.values) for layer in self._layers()]
         for layer, keys, values in full:
-            layer.keys, layer.values = keys[index], values[index]
+            device_index = index.to(keys.device)
+            layer.keys, layer.values = keys.index_select(0, device_index), values.index_select(0, device_index)
         part = BatchKVCache(self.hf_cache, 0)
         part.slot_valid = self.slot_valid[index]
         part.cached_tokens = [self.cached_tokens[row] for row in rows]  # shared: commit extends ours
@@ -192,5 +193,4 @@ def _pad_dim2(states: torch.Tensor, extra: int) -> torch.Tensor:
 
 
 def _put_rows(states: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    states[index.to(states.device)] = rows
-    return states
+    return states.index_copy_(0, index.to(states.device), rows)

@@ -61,14 +61,18 @@ class CausalLMRunner:
         """Append tokens to the named sequences; logits (and `last_features`) in the order of
         `token_lists`. # [N, T, V]
 
-        The other sequences get nothing and cost nothing: the forward runs over the named rows
-        alone (a pipelined micro-batch, the draft rows still confident), not over padded rows."""
+        The other sequences get nothing and cost no compute: the forward runs over the named rows
+        alone (`BatchKVCache.narrowed`), so a pipelined micro-batch costs only its own rows
+        (bundled pair, CPU, 8 of 16 rows: the target verifying 9 tokens per row took 24.0 ms
+        instead of 34.5 with the other rows padded in). Narrowing copies the named rows' KV out
+        and back; for the draft LM's one-token forwards that is about what it saves (in-process,
+        c=16, always drafting: 487 against 483 tok/s)."""
         rows = [self.seq_ids.index(seq_id) for seq_id in token_lists]
         if len(rows) < len(self.seq_ids):
             with self.cache.narrowed(rows) as part:
                 return self._forward(part, list(token_lists.values()))
         logits = self._forward(self.cache, [token_lists[seq_id] for seq_id in self.seq_ids])
-        if rows == sorted(rows):
+        if rows == list(range(len(self.seq_ids))):
             return logits
         index = torch.tensor(rows)
         if self.last_features is not None:

@@ -450,13 +450,32 @@ def test_a_forward_runs_over_the_named_rows_only(tiny, arch, monkeypatch):
                                                     2: SEQS[2] + [40, 41, 42]})
 
 
-def test_a_forward_returns_rows_in_the_order_named(tiny):
+@pytest.mark.parametrize(("feed", "batch_size"), [
+    ({2: [41], 1: [22], 0: [19]}, 3),  # every row, out of row order
+    ({2: [41], 0: [19]}, 2),  # some rows: the named rows alone
+    ({2: [41, 42]}, 1),
+])
+def test_a_forward_returns_rows_in_the_order_named(tiny, monkeypatch, feed, batch_size):
     model = tiny("llama").target
     runner = filled_runner(model)
-    logits = runner.forward({2: [41], 1: [22], 0: [19]})  # every row, out of row order
-    for row, (seq_id, tokens) in enumerate([(2, SEQS[2] + [40, 41]), (1, SEQS[1] + [22]),
-                                            (0, SEQS[0] + [16, 17, 18, 19])]):
-        torch.testing.assert_close(logits[row, 0], fresh_next_logits(model, tokens), atol=1e-4, rtol=1e-4)
+    cached = {0: SEQS[0] + [16, 17, 18], 1: SEQS[1], 2: SEQS[2] + [40]}
+    batch_sizes = []
+    model_forward = type(model).forward
+
+    def spied(self, *args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].shape[0])
+        return model_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spied)
+    logits = runner.forward(feed)
+    monkeypatch.undo()
+
+    assert batch_sizes == [batch_size] and logits.shape[0] == len(feed)
+    for row, (seq_id, tokens) in enumerate(feed.items()):
+        fresh = fresh_next_logits(model, cached[seq_id] + tokens)
+        torch.testing.assert_close(logits[row, len(tokens) - 1], fresh, atol=1e-4, rtol=1e-4)
+    assert_rows_match_fresh_prefill(runner, model, {seq_id: cached[seq_id] + feed.get(seq_id, [])
+                                                    for seq_id in cached})
 
 
 def test_a_failed_forward_over_some_rows_leaves_the_cache_as_it_was(tiny, monkeypatch):
@@ -471,7 +490,7 @@ def test_a_failed_forward_over_some_rows_leaves_the_cache_as_it_was(tiny, monkey
 
     monkeypatch.setattr(type(model), "forward", fails_after_the_cache_grew)
     with pytest.raises(RuntimeError, match="device lost"):
-        runner.forward({0: [19]})
+        runner.forward({0: [19, 20]})
 
     after = cache_snapshot(runner)
     for tensors_before, tensors_after in zip(before[:2], after[:2]):
