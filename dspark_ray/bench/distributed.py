@@ -9,8 +9,9 @@ idle fraction of the target and draft workers (the number pipelining exists to d
 Variants: `target_only` (drafter none), `sequential` (propose, then verify), `pipelined` (across
 requests: two micro-batches, one drafted while the other is verified), `look_ahead` (within a
 request: the draft worker drafts past the proposal while the target verifies it), all three
-drafting at every step; and `load_aware` (sequential with the default load-aware drafting, which
-drafts only at the batch sizes where it measured that drafting pays).
+drafting at every step; `load_aware` (sequential with the default load-aware drafting, which
+drafts only at the batch sizes where it measured that drafting pays, and as far as it pays) and
+`load_aware_pipelined` (pipelined steps under a governor of their own).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ VARIANTS = {  # name -> (EngineConfig overrides, WorkerPlacement fields)
     "sequential": (ALWAYS, {"pipelining": "off", "look_ahead": False}),
     "pipelined": (ALWAYS, {"pipelining": "on", "look_ahead": False}),
     "look_ahead": (ALWAYS, {"pipelining": "off", "look_ahead": True}),
-    "load_aware": ({}, {"pipelining": "off", "look_ahead": False}),  # the default: governed drafting
+    "load_aware": ({}, {"pipelining": "off", "look_ahead": False}),  # governed drafting
+    "load_aware_pipelined": ({}, {"pipelining": "on", "look_ahead": False}),
 }
 
 

@@ -15,6 +15,11 @@ pipelined step:
 Each sequence still alternates propose -> verify -> commit, with the same draft budgets and the
 same per-sequence order of random draws as the unpipelined engine; only the batching differs.
 
+With a load-aware governor (`engine.governor`), pipelined steps consult one of their own, so that
+drafting on or off, at the full or the short length, is timed in the regime it runs in: a step
+the governor keeps undrafted verifies every running sequence at once (overlap needs drafts), and
+a drafting step proposes the next micro-batch at the governor's length.
+
 Overlap pays when drafting and verifying both take time (each micro-batch costs only its own
 rows: `CausalLMRunner.forward`); it loses when one of them is nearly free or both share a few
 busy CPU cores. Mode "auto" therefore times both strategies on live traffic
@@ -23,6 +28,7 @@ busy CPU cores. Mode "auto" therefore times both strategies on live traffic
 
 from __future__ import annotations
 
+import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +60,7 @@ class PipelinedEngine(SpeculativeEngine):
         self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
         self._ready: MicroBatch | None = None  # proposed, waiting for the target
         self._unfreed: list[int] = []  # released sequences the workers still hold
+        self.pipelined_governor = copy.deepcopy(self.governor)  # fresh: times pipelined steps only
 
     def step(self) -> list[Sequence]:
         pipelined = self.chooser.next_mode() if self.pipelining == "auto" else self.pipelining == "on"
@@ -87,18 +94,22 @@ class PipelinedEngine(SpeculativeEngine):
         self._drafting.shutdown(wait=True)
 
     def _pipelined_step(self, propose_next: bool) -> list[Sequence]:
+        start = time.perf_counter()
         if all(seq.is_finished for seq in self.running):  # nothing to draft meanwhile: prefill first
             self.admit()
         active = [seq for seq in self.running if not seq.is_finished]
+        governed = propose_next and self.pipelined_governor is not None and bool(active)
+        draft_limit = self.pipelined_governor.draft_limit(len(active)) if governed else None
         ready, self._ready = self._still_running(self._ready, active), None
-        if ready is None and active:  # cold start: the target waits for one proposal
-            first = active[: (len(active) + 1) // 2]
-            ready = MicroBatch(first, self.propose(first))
+        if ready is None and active:  # cold start: the target waits for one proposal (all: undrafted)
+            first = active if draft_limit == 0 else active[: (len(active) + 1) // 2]
+            ready = MicroBatch(first, self.propose(first, draft_limit))
         in_ready = {seq.seq_id for seq in ready.seqs} if ready is not None else set()
         upcoming = [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
-        upcoming = upcoming if propose_next else []
+        upcoming = upcoming if propose_next and draft_limit != 0 else []
         unfreed, self._unfreed = self._unfreed, []
-        drafting = self._drafting.submit(self._free_and_propose, unfreed, upcoming) if upcoming else None
+        drafting = (self._drafting.submit(self._free_and_propose, unfreed, upcoming, draft_limit)
+                    if upcoming else None)
         try:  # the target frees, prefills new prompts and verifies while the drafter drafts
             if unfreed:
                 self.verifier.remove(unfreed)
@@ -110,15 +121,27 @@ class PipelinedEngine(SpeculativeEngine):
             self.drafter.remove(unfreed)
         self.introduce(admitted, target_features)
         if ready is not None:
+            before = sum(seq.num_tokens for seq in ready.seqs)
             self.commit(ready.seqs, ready.proposal, output)
+            if governed and not admitted:  # a prefill costs the same either way: not timed (engine.governor)
+                self._record_governed(len(active), draft_limit, ready, before, start)
         if upcoming:
             self._ready = MicroBatch(upcoming, upcoming_proposal)
         return self.retire()
 
-    def _free_and_propose(self, unfreed: list[int], seqs: list[Sequence]) -> DraftProposal:
+    def _record_governed(self, batch_size: int, draft_limit: int | None, verified: MicroBatch, num_tokens_before: int,
+                         start: float) -> None:
+        """Tell the pipelined governor how the step went, unless it meant to draft and nothing was drafted
+        (a drafter that is down says nothing about drafting)."""
+        if draft_limit == 0 or bool(verified.proposal.num_draft_tokens.any()):
+            self.pipelined_governor.record(batch_size, draft_limit,
+                                           sum(seq.num_tokens for seq in verified.seqs) - num_tokens_before,
+                                           time.perf_counter() - start)
+
+    def _free_and_propose(self, unfreed: list[int], seqs: list[Sequence], draft_limit: int | None) -> DraftProposal:
         if unfreed:
             self.drafter.remove(unfreed)
-        return self.propose(seqs)
+        return self.propose(seqs, draft_limit)
 
     @staticmethod
     def _still_running(batch: MicroBatch | None, active: list[Sequence]) -> MicroBatch | None:

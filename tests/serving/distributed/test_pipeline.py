@@ -110,6 +110,55 @@ def test_finished_sequences_are_freed_next_to_the_next_steps_work(tiny, local_ou
     assert any(role == "draft" and thread.startswith("propose") for role, _, thread in removals)
 
 
+class ScriptedGovernor:
+    """Draft limits in a fixed cycle; remembers what it was told."""
+
+    def __init__(self, limits: list[int | None]) -> None:
+        self.limits = limits
+        self.asked: list[int | None] = []
+        self.recorded: list[tuple[int, int | None, int]] = []
+
+    def draft_limit(self, batch_size: int) -> int | None:
+        self.asked.append(self.limits[len(self.asked) % len(self.limits)])
+        return self.asked[-1]
+
+    def record(self, batch_size: int, draft_limit: int | None, num_tokens: int, seconds: float) -> None:
+        self.recorded.append((batch_size, draft_limit, num_tokens))
+
+
+def test_pipelined_steps_draft_as_their_own_governor_says(tiny, local_outputs) -> None:
+    config = engine_config(tiny("llama"), "model")
+    local = build_engine(config, load_models(config))
+    engine = PipelinedEngine(local.verifier, local.drafter, local.stop_rules, local.num_speculative_tokens,
+                             local.max_batch_size, ScriptedGovernor([0, 0, 2, 2, 2, None, None]), pipelining="on")
+    governor = engine.pipelined_governor
+    assert governor is not engine.governor  # the unpipelined steps' verdicts stay apart
+    budgets: list[tuple[int | None, int]] = []  # the step's limit, the largest budget asked of the drafter
+    verified: list[tuple[int, int]] = []  # rows, drafts
+    propose, verify = engine.drafter.propose, engine.verifier.verify
+
+    def spy_propose(seqs, max_draft_tokens):
+        budgets.append((governor.asked[-1], max(max_draft_tokens)))
+        return propose(seqs, max_draft_tokens)
+
+    def spy_verify(seqs, proposal):
+        verified.append((len(seqs), int(proposal.num_draft_tokens.sum())))
+        return verify(seqs, proposal)
+
+    engine.drafter.propose, engine.verifier.verify = spy_propose, spy_verify
+    seqs = [engine.add_request(request) for request in greedy_requests(max_tokens=24)]
+    while engine.has_unfinished():
+        engine.step()
+
+    assert outputs(seqs) == local_outputs(config, greedy_requests(max_tokens=24))
+    assert verified[:2] == [(len(PROMPTS), 0)] * 2  # drafting off: undrafted verifications of every sequence
+    assert {limit for limit, _ in budgets} == {2, None}  # nothing asked of the drafter while off
+    assert max(budget for limit, budget in budgets if limit == 2) == 2
+    assert max(budget for limit, budget in budgets if limit is None) == config.num_speculative_tokens
+    assert {limit for _, limit, _ in governor.recorded} == {0, 2, None}
+    assert all(num_tokens > 0 for _, _, num_tokens in governor.recorded)
+
+
 def test_abort_drops_rows_of_a_ready_proposal(tiny, local_outputs) -> None:
     config = engine_config(tiny("llama"), "model")
     engine = _pipelined(config)
