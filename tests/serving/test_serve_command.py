@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,16 +41,29 @@ def haproxy_pids_serving(port: int) -> list[int]:
     return pids
 
 
-def wait_for_line(process: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
-    lines, deadline = [], time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            break
-        lines.append(line)
-        if needle in line:
-            return lines
-    raise AssertionError(f"no {needle!r} from dspark-ray serve; output:\n{''.join(lines)}")
+class Output:
+    """A process's output, read on a thread: a process blocked on a full pipe would never stop."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def wait_for(self, needle: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self._reader.is_alive():
+            if any(needle in line for line in self.lines):
+                return
+            time.sleep(0.1)
+        if not any(needle in line for line in self.lines):
+            raise AssertionError(f"no {needle!r} from dspark-ray serve; output:\n{self.tail()}")
+
+    def tail(self, num_lines: int = 60) -> str:
+        return "".join(self.lines[-num_lines:])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="HAProxy ships for Linux only")
@@ -61,7 +75,8 @@ def test_serve_command_answers_behind_haproxy_and_stops_on_ctrl_c(model_dirs, ta
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        wait_for_line(process, "dspark-ray: serving", START_TIMEOUT_S)
+        output = Output(process)
+        output.wait_for("dspark-ray: serving", START_TIMEOUT_S)
         assert haproxy_pids_serving(port), "--haproxy should serve HTTP through HAProxy"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         prompt = "def fibonacci(n):"
@@ -71,7 +86,11 @@ def test_serve_command_answers_behind_haproxy_and_stops_on_ctrl_c(model_dirs, ta
         assert completion.choices[0].model_extra["token_ids"] == expected
         process.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
-        assert process.wait(timeout=120) == 0
+        try:
+            returncode = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"dspark-ray serve did not stop on Ctrl-C; output:\n{output.tail()}") from None
+        assert returncode == 0, output.tail()
         # Serve's direct-ingress draining period held a stopping router for 30 s; locally it is 2 s
         assert time.monotonic() - interrupted < 20
         assert not haproxy_pids_serving(port), "Ctrl-C should stop HAProxy with the cluster"
