@@ -136,6 +136,9 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C, also while Serve is still deploying
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = serve_config_from_args(args)
@@ -143,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dspark-ray serve: error: {error}", file=sys.stderr)
         return 2
     status = 0
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGINT too: a process started in the background of a script inherits SIGINT ignored, and
+    # Python then installs no handler; `dspark-ray serve` stops on Ctrl-C wherever it was started.
+    previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
     try:
         start(config, args.address, args.num_cpus, args.high_throughput, args.haproxy)
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own handler
@@ -159,5 +164,6 @@ def run(args: argparse.Namespace) -> int:
         print("dspark-ray: shutting down", flush=True)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
         stop()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return status

@@ -2,7 +2,8 @@
 
 The command starts Serve in Ray's high-throughput mode; with `--haproxy` HAProxy takes the port
 instead of Serve's Python proxy. The test asks for HAProxy, looks for its process while serving
-and for its absence after shutdown.
+and for its absence after shutdown. It starts the command with SIGINT ignored, as a script's
+background job inherits it: Ctrl-C must stop the server all the same.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ def test_serve_command_answers_behind_haproxy_and_stops_on_ctrl_c(model_dirs, ta
                "--draft", str(model_dirs.draft), "--port", str(port), "--grpc-port", "0", "--num-cpus", "4", "--haproxy"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # Started with SIGINT ignored, as a script's background job is: Ctrl-C must stop it all the same.
+    ignoring_sigint = ["bash", "-c", 'trap "" INT; exec "$@"', "dspark-ray-serve", *command]
+    process = subprocess.Popen(ignoring_sigint, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         output = Output(process)
         output.wait_for("dspark-ray: serving", START_TIMEOUT_S)
