@@ -95,8 +95,8 @@ class PipelinedEngine(SpeculativeEngine):
 
     def _pipelined_step(self, propose_next: bool) -> list[Sequence]:
         start = time.perf_counter()
-        if all(seq.is_finished for seq in self.running):  # nothing to draft meanwhile: prefill first
-            self.admit()
+        # nothing to draft meanwhile: prefill first
+        admitted_first = self.admit() if all(seq.is_finished for seq in self.running) else []
         active = [seq for seq in self.running if not seq.is_finished]
         governed = propose_next and self.pipelined_governor is not None and bool(active)
         draft_limit = self.pipelined_governor.draft_limit(len(active)) if governed else None
@@ -123,7 +123,7 @@ class PipelinedEngine(SpeculativeEngine):
         if ready is not None:
             before = sum(seq.num_tokens for seq in ready.seqs)
             self.commit(ready.seqs, ready.proposal, output)
-            if governed and not admitted:  # a prefill costs the same either way: not timed (engine.governor)
+            if governed and not admitted and not admitted_first:  # prefills are not timed (engine.governor)
                 self._record_governed(len(active), draft_limit, ready, before, start)
         if upcoming:
             self._ready = MicroBatch(upcoming, upcoming_proposal)
