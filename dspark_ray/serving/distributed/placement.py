@@ -43,7 +43,8 @@ class WorkerPlacement(BaseModel):
     pipelining: Literal["auto", "on", "off"] = Field(
         "auto", description="'on': split running sequences into two micro-batches and draft one while the target "
                             "verifies the other; 'off': propose and verify back to back; 'auto': time both on live "
-                            "traffic and keep the faster (overlap loses where both workers share a few CPU cores).")
+                            "traffic and keep the faster (overlap loses where both workers share a few CPU cores). "
+                            "With load-aware drafting, pipelined steps have a governor of their own.")
     look_ahead: bool = Field(
         False, description="Within-request pipelining: while the target verifies a greedy draft, the draft worker "
                            "keeps drafting as if all of it were accepted, and the next proposal reuses that when "
