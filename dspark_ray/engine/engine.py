@@ -82,9 +82,7 @@ class SpeculativeEngine:
         draft_limit = self.governor.draft_limit(len(seqs))
         before = sum(seq.num_tokens for seq in seqs)
         proposal = self._speculate(seqs, draft_limit)
-        if draft_limit == 0 or bool(proposal.num_draft_tokens.any()):
-            self.governor.record(len(seqs), draft_limit, sum(seq.num_tokens for seq in seqs) - before,
-                                 time.perf_counter() - start)
+        record_rate(self.governor, len(seqs), draft_limit, seqs, proposal, before, start)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
         seqs = [self.add_request(request) for request in requests]
@@ -172,3 +170,12 @@ class SpeculativeEngine:
         defer this to overlap it with other work)."""
         self.verifier.remove(seq_ids)
         self.drafter.remove(seq_ids)
+
+
+def record_rate(governor: DraftingPolicy, batch_size: int, draft_limit: int | None, verified: list[Sequence],
+                proposal: DraftProposal, num_tokens_before: int, start: float) -> None:
+    """Tell a governor the tokens `verified` gained since `start`, unless the step meant to draft and
+    drafted nothing (a drafter that is down says nothing about drafting)."""
+    if draft_limit == 0 or bool(proposal.num_draft_tokens.any()):
+        governor.record(batch_size, draft_limit, sum(seq.num_tokens for seq in verified) - num_tokens_before,
+                        time.perf_counter() - start)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dspark_ray.engine.drafters.base import DraftProposal
-from dspark_ray.engine.engine import SpeculativeEngine
+from dspark_ray.engine.engine import SpeculativeEngine, record_rate
 from dspark_ray.engine.sequence import Sequence
 from dspark_ray.engine.strategy_chooser import StrategyChooser
 
@@ -124,19 +124,11 @@ class PipelinedEngine(SpeculativeEngine):
             before = sum(seq.num_tokens for seq in ready.seqs)
             self.commit(ready.seqs, ready.proposal, output)
             if governed and not admitted and not admitted_first:  # prefills are not timed (engine.governor)
-                self._record_governed(len(active), draft_limit, ready, before, start)
+                record_rate(self.pipelined_governor, len(active), draft_limit, ready.seqs, ready.proposal, before,
+                            start)
         if upcoming:
             self._ready = MicroBatch(upcoming, upcoming_proposal)
         return self.retire()
-
-    def _record_governed(self, batch_size: int, draft_limit: int | None, verified: MicroBatch, num_tokens_before: int,
-                         start: float) -> None:
-        """Tell the pipelined governor how the step went, unless it meant to draft and nothing was drafted
-        (a drafter that is down says nothing about drafting)."""
-        if draft_limit == 0 or bool(verified.proposal.num_draft_tokens.any()):
-            self.pipelined_governor.record(batch_size, draft_limit,
-                                           sum(seq.num_tokens for seq in verified.seqs) - num_tokens_before,
-                                           time.perf_counter() - start)
 
     def _free_and_propose(self, unfreed: list[int], seqs: list[Sequence], draft_limit: int | None) -> DraftProposal:
         if unfreed:
