@@ -100,13 +100,7 @@ class PipelinedEngine(SpeculativeEngine):
         active = [seq for seq in self.running if not seq.is_finished]
         governed = propose_next and self.pipelined_governor is not None and bool(active)
         draft_limit = self.pipelined_governor.draft_limit(len(active)) if governed else None
-        ready, self._ready = self._still_running(self._ready, active), None
-        if ready is None and active:  # cold start: the target waits for one proposal (all: undrafted)
-            first = active if draft_limit == 0 else active[: (len(active) + 1) // 2]
-            ready = MicroBatch(first, self.propose(first, draft_limit))
-        in_ready = {seq.seq_id for seq in ready.seqs} if ready is not None else set()
-        upcoming = [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
-        upcoming = upcoming if propose_next and draft_limit != 0 else []
+        ready, upcoming = self._micro_batches(active, draft_limit, propose_next)
         unfreed, self._unfreed = self._unfreed, []
         drafting = (self._drafting.submit(self._free_and_propose, unfreed, upcoming, draft_limit)
                     if upcoming else None)
@@ -129,6 +123,19 @@ class PipelinedEngine(SpeculativeEngine):
         if upcoming:
             self._ready = MicroBatch(upcoming, upcoming_proposal)
         return self.retire()
+
+    def _micro_batches(self, active: list[Sequence], draft_limit: int | None, propose_next: bool
+                       ) -> tuple[MicroBatch | None, list[Sequence]]:
+        """The micro-batch to verify now (proposed last step, or now on a cold start) and the
+        sequences to propose for meanwhile."""
+        ready, self._ready = self._still_running(self._ready, active), None
+        if ready is None and active:  # cold start: the target waits for one proposal (all: undrafted)
+            first = active if draft_limit == 0 else active[: (len(active) + 1) // 2]
+            ready = MicroBatch(first, self.propose(first, draft_limit))
+        if not propose_next or draft_limit == 0:
+            return ready, []
+        in_ready = {seq.seq_id for seq in ready.seqs} if ready is not None else set()
+        return ready, [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
 
     def _free_and_propose(self, unfreed: list[int], seqs: list[Sequence], draft_limit: int | None) -> DraftProposal:
         if unfreed:
