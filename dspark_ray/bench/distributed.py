@@ -7,7 +7,8 @@ concurrency, so that the batch stays full and no tail of stragglers dominates) h
 idle fraction of the target and draft workers (the number pipelining exists to drive down).
 
 Variants: `target_only` (drafter none), `sequential` (propose, then verify), `pipelined` (across
-requests: two micro-batches, one drafted while the other is verified), `look_ahead` (within a
+requests: two micro-batches, one drafted while the other is verified, for no longer than the
+target takes), `pipelined_untimed` (the same, drafting as far as the drafter goes), `look_ahead` (within a
 request: the draft worker drafts past the proposal while the target verifies it), all three
 drafting at every step; `load_aware` (sequential with the default load-aware drafting, which
 drafts only at the batch sizes where it measured that drafting pays, and as far as it pays) and
@@ -31,6 +32,7 @@ VARIANTS = {  # name -> (EngineConfig overrides, WorkerPlacement fields)
     "target_only": ({"drafter": "none"}, {"pipelining": "off", "look_ahead": False}),
     "sequential": (ALWAYS, {"pipelining": "off", "look_ahead": False}),
     "pipelined": (ALWAYS, {"pipelining": "on", "look_ahead": False}),
+    "pipelined_untimed": (ALWAYS, {"pipelining": "on", "look_ahead": False, "time_boxed_drafting": False}),
     "look_ahead": (ALWAYS, {"pipelining": "off", "look_ahead": True}),
     "load_aware": ({}, {"pipelining": "off", "look_ahead": False}),  # governed drafting
     "load_aware_pipelined": ({}, {"pipelining": "on", "look_ahead": False}),
@@ -112,12 +114,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_level(level: int, variants: dict[str, Any]) -> str:
     lines = [f"concurrency {level}"]
+    width = max(map(len, variants))
     for name, result in variants.items():
         ratios = "  ".join(f"{result['tokens_per_s'] / variants[base]['tokens_per_s']:.2f}x vs {base}"
                            for base in ("sequential", "target_only") if base in variants and base != name)
         idle = "  ".join(f"{role} idle {fraction:.0%}" for role, fraction in result["idle_fraction"].items())
         accept = result["mean_acceptance_length"]
-        lines.append(f"  {name:12s} {result['tokens_per_s']:8.1f} tok/s  accept_len "
+        lines.append(f"  {name:{width}s} {result['tokens_per_s']:8.1f} tok/s  accept_len "
                      f"{'-' if accept is None else f'{accept:.2f}'}  {idle}  {ratios}")
     return "\n".join(lines)
 

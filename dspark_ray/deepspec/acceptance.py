@@ -46,9 +46,10 @@ class AcceptanceRecorder:
     def remove(self, seq_ids: list[int]) -> None:
         self.drafter.remove(seq_ids)
 
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:
         start = time.perf_counter()
-        self._proposal = self.drafter.propose(seqs, max_draft_tokens)
+        self._proposal = self.drafter.propose(seqs, max_draft_tokens, time_budget_s)
         self.draft_seconds += time.perf_counter() - start
         self.num_proposals += 1
         return self._proposal

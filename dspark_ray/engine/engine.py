@@ -124,14 +124,16 @@ class SpeculativeEngine:
         if admitted:
             self.drafter.add([seq for seq in admitted if not seq.is_finished], target_features)
 
-    def propose(self, seqs: list[Sequence], draft_limit: int | None = None) -> DraftProposal:
+    def propose(self, seqs: list[Sequence], draft_limit: int | None = None, time_budget_s: float | None = None
+                ) -> DraftProposal:
         """Drafts for `seqs`, at most `draft_limit` per greedy sequence (0: drafts for sampled
-        sequences only; see engine.governor)."""
+        sequences only; see engine.governor), within `time_budget_s` where the drafter can stop
+        early (`Drafter.propose`)."""
         budgets = [self._draft_budget(seq, draft_limit if seq.request.sampling.is_greedy else None)
                    for seq in seqs]
         if not any(budgets):
             return DraftProposal.empty(len(seqs))
-        return self.drafter.propose(seqs, budgets)
+        return self.drafter.propose(seqs, budgets, time_budget_s)
 
     def commit(self, seqs: list[Sequence], proposal: DraftProposal, output: VerifyOutput) -> None:
         """Append what the verifier kept (stop rules apply), then bring target and drafter in line."""

@@ -30,7 +30,7 @@ class MisreportingDrafter(DSparkDrafter):
     """Drafts the argmax but reports the full distribution it did not sample from: NOT lossless.
     (Claiming one-hot draft_probs would be no control: that rule happens to stay exact.)"""
 
-    def propose(self, seqs, max_draft_tokens) -> DraftProposal:
+    def propose(self, seqs, max_draft_tokens, time_budget_s=None) -> DraftProposal:
         proposal = super().propose(seqs, max_draft_tokens)
         if proposal.draft_probs is None:
             return proposal

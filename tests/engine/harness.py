@@ -81,7 +81,7 @@ class ConfidenceOverlay:
     def on_verified(self, seqs, num_drafted, num_accepted, target_features=None):
         self.inner.on_verified(seqs, num_drafted, num_accepted, target_features)
 
-    def propose(self, seqs, max_draft_tokens):
+    def propose(self, seqs, max_draft_tokens, time_budget_s=None):
         proposal = self.inner.propose(seqs, max_draft_tokens)
         anchors = torch.tensor([seq.token_ids[-1] for seq in seqs])[:, None]  # [B, 1]
         previous = torch.cat([anchors, proposal.draft_token_ids[:, :-1]], dim=1)  # [B, K]: x_{k-1}

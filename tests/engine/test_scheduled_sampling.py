@@ -43,7 +43,7 @@ class PrefixConfidence(ConfidenceOverlay):
 class PeekingScheduler(PrefixConfidence):
     """LOSSY on purpose: verifies x_j only while the confidence of j+1 (a function of x_j) is high."""
 
-    def propose(self, seqs, max_draft_tokens):
+    def propose(self, seqs, max_draft_tokens, time_budget_s=None):
         proposal = super().propose(seqs, max_draft_tokens)
         width = proposal.draft_token_ids.shape[1]
         next_high = torch.cat([proposal.confidence_logits[:, 1:], torch.full((len(seqs), 1), -2.0)], 1)[:, :width] > 0

@@ -61,7 +61,7 @@ class ConfidentDrafter(ConfidenceOverlay):
     def confidence_logits(self, previous, positions):
         return 2.5 - positions.float() + 0.3 * ((previous % 5).float() - 2)  # [B, K]
 
-    def propose(self, seqs, max_draft_tokens):
+    def propose(self, seqs, max_draft_tokens, time_budget_s=None):
         proposal = super().propose(seqs, max_draft_tokens)
         self.proposals.append(proposal)
         return proposal

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+import asyncio
+
 from dspark_ray.bench.serve import (RequestResult, bench, check_local, compare, level_report, median_levels,
-                                    request_lengths)
+                                    request_lengths, run_level)
 from dspark_ray.cli import main
 
 
@@ -36,6 +38,22 @@ def test_requests_of_drawn_lengths_against_a_live_server(served_app, tmp_path) -
     assert status == 0
     (level,) = json.loads(out.read_text())["levels"]
     assert level["num_errors"] == 0 and level["num_output_tokens"] == sum(request_lengths(8, 0.5, 4))
+
+
+def test_refused_requests_are_counted_as_errors_with_status_and_code(served_app) -> None:
+    level = asyncio.run(run_level(served_app.base_url, "no-such-model", ["def f(x):"], concurrency=2, num_requests=3,
+                                  max_tokens=[4], temperature=0.0, ignore_eos=True))
+    assert level["num_errors"] == 3 and level["errors"] == ["404 model_not_found"]
+    assert level["num_output_tokens"] == 0
+
+
+def test_a_server_that_is_not_there_is_a_counted_error_not_a_crash() -> None:
+    from dspark_ray.serving.ports import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    level = asyncio.run(run_level(url, "m", ["x"], concurrency=1, num_requests=2, max_tokens=[4], temperature=0.0,
+                                  ignore_eos=True))
+    assert level["num_errors"] == 2 and level["errors"] == ["ClientConnectorError"]
 
 
 def test_drawn_lengths_are_the_same_on_every_run_and_stay_in_range() -> None:

@@ -73,8 +73,14 @@ class Drafter(Protocol):
     def remove(self, seq_ids: list[int]) -> None:
         """Forget finished sequences and free their state."""
 
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
-        """Draft up to max_draft_tokens[b] tokens after each sequence's committed tokens."""
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:
+        """Draft up to max_draft_tokens[b] tokens after each sequence's committed tokens.
+
+        `time_budget_s`: a drafter that drafts token by token stops greedy rows where another forward
+        would end past this many seconds (each keeps at least its first draft); sampled rows ignore
+        it, so their random draws never depend on timing. Others may ignore it: drafts are only
+        ever fewer, and any drafts leave the output unchanged."""
 
     def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],
                     target_features: TargetFeatures | None = None) -> None:
@@ -90,7 +96,8 @@ class NoDrafter:
     def remove(self, seq_ids: list[int]) -> None:
         pass
 
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:
         return DraftProposal.empty(len(seqs))
 
     def on_verified(self, seqs: list[Sequence], num_drafted: list[int], num_accepted: list[int],

@@ -3,7 +3,9 @@
 Drafts autoregressively, batched over sequences, from the draft LM's own KV cache; after
 verification the cache is rolled back to the longest prefix the target kept. The draft length
 adapts per sequence ('confidence': stop once the draft doubts its own token; 'heuristic': HF's
-+2/-1 schedule; 'off': fixed).
++2/-1 schedule; 'off': fixed). With a time budget (a pipelined step: draft while the target
+verifies the other micro-batch, no longer), greedy rows also stop where another forward would end
+past it.
 
 Look-ahead (within-request pipelining): while the target verifies a greedy draft, `look_ahead`
 keeps drafting as if the whole draft were accepted, guessing the bonus token with the draft LM's
@@ -16,6 +18,7 @@ consume draws from their RNG out of turn).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,7 +76,9 @@ class DraftModelDrafter:
             self.look_aheads.pop(seq_id, None)
             self._confident_drafts.pop(seq_id, None)
 
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:
+        deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s
         self._join(seqs, max_draft_tokens)
         budgets = [self._budget(seq, limit) for seq, limit in zip(seqs, max_draft_tokens)]
         sampling = SamplingTensors.from_params([seq.request.sampling for seq in seqs])
@@ -89,11 +94,14 @@ class DraftModelDrafter:
             if drafts and confident and seq.seq_id not in feed:
                 self._confident_drafts[seq.seq_id] = drafts
         while feed:
+            forward_start = time.perf_counter()
             logits = self._last_logits(feed, seqs)  # [B, V]
             draft_probs = (draft_distributions(logits, sampling, self.draft_probs_transform)  # [B, V]
                            if any_sampled else None)  # greedy drafts are argmaxes: no distributions
             chosen = self._choose(draft_probs, logits, sampling, seqs, feed)  # [B]
             confidence = torch.softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
+            now = time.perf_counter()  # greedy rows stop where another forward like this one would end late
+            out_of_time = deadline is not None and now + (now - forward_start) > deadline
             next_feed = {}
             for row, seq in enumerate(seqs):
                 if seq.seq_id not in feed:
@@ -102,7 +110,8 @@ class DraftModelDrafter:
                 if any_sampled:
                     probs[row].append(draft_probs[row])
                 confident = self._confident(float(confidence[row]))
-                if len(tokens[row]) < budgets[row] and confident:
+                in_time = not out_of_time or not seq.request.sampling.is_greedy
+                if len(tokens[row]) < budgets[row] and confident and in_time:
                     next_feed[seq.seq_id] = [int(chosen[row])]
                 elif confident and not any_sampled:
                     self._confident_drafts[seq.seq_id] = tokens[row]

@@ -68,7 +68,8 @@ class DSparkDrafter:
         return seq.seq_id in self.cache and self.cache.length(seq.seq_id) == seq.num_tokens - 1
 
     @torch.no_grad()
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:  # drafts in a few forwards of its own: no time budget
         budgets = [min(limit, self.max_draft_tokens) if self._ready(seq) else 0
                    for seq, limit in zip(seqs, max_draft_tokens)]
         rows = [row for row, budget in enumerate(budgets) if budget > 0]

@@ -36,7 +36,8 @@ class NgramDrafter:
     def remove(self, seq_ids: list[int]) -> None:
         pass
 
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:  # drafts in a few forwards of its own: no time budget
         tokens = [lookup_continuation(seq.token_ids, self.max_ngram, self.min_ngram, budget)
                   for seq, budget in zip(seqs, max_draft_tokens)]
         if all(seq.request.sampling.is_greedy for seq in seqs):

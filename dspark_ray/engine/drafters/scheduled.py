@@ -59,8 +59,9 @@ class ConfidenceScheduledDrafter:
     def remove(self, seq_ids: list[int]) -> None:
         self.drafter.remove(seq_ids)
 
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
-        proposal = self.drafter.propose(seqs, max_draft_tokens)
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:
+        proposal = self.drafter.propose(seqs, max_draft_tokens, time_budget_s)
         if proposal.confidence_logits is None or proposal.draft_token_ids.shape[1] == 0:
             return proposal
         survival = survival_probs(proposal.confidence_logits, self.temperatures)  # [B, K]

@@ -106,7 +106,8 @@ def build_distributed_engine(engine_config: EngineConfig, placement: WorkerPlace
                                                                       placement.inline_sync)
     engine = DistributedEngine(verifier, drafter, coordinator_stop_rules(engine_config, decode),
                                engine_config.num_speculative_tokens, engine_config.max_batch_size,
-                               drafting_governor(engine_config), pipelining=placement.pipelining, group=group,
+                               drafting_governor(engine_config), pipelining=placement.pipelining,
+                               time_boxed_drafting=placement.time_boxed_drafting, group=group,
                                target=target, draft=draft, meter=meter, rpc_timeout_s=placement.target_timeout_s)
     return engine, decode
 

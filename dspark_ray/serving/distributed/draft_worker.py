@@ -15,6 +15,7 @@ hidden states at the drafter's layers through `Add` and the feedback of `Propose
 from __future__ import annotations
 
 import functools
+import time
 
 import grpc
 import ray
@@ -100,10 +101,12 @@ class DraftWorker:
         return pb.DraftAddResponse()
 
     def propose(self, request: pb.ProposeRequest) -> pb.ProposeResponse:
+        arrival = time.perf_counter()
         self._sync(request.updates, request.feedback)
         seqs = self.mirror.get(item.seq_id for item in request.items)
         self.mirror.reseed(seqs, [item.seed for item in request.items])
-        proposal = self.drafter.propose(seqs, [item.max_draft_tokens for item in request.items])
+        proposal = self.drafter.propose(seqs, [item.max_draft_tokens for item in request.items],
+                                        _remaining(request.time_budget_s, arrival))
         if self.look_ahead:
             self.runner.run_after_this_command(functools.partial(self.drafter.look_ahead, seqs))
         return pb.ProposeResponse(drafts=convert.proposal_to_wire(proposal, seqs))
@@ -133,6 +136,11 @@ class DraftWorker:
                 features = {item.seq_id: convert.tensor_from_wire(item.target_features) for item in feedback}
             self.drafter.on_verified(seqs, [item.num_draft_tokens for item in feedback],
                                      [item.num_accepted_tokens for item in feedback], features)
+
+
+def _remaining(time_budget_s: float, since: float) -> float | None:
+    """What is left of a command's time budget (0 on the wire: none)."""
+    return None if time_budget_s <= 0 else max(0.0, time_budget_s - (time.perf_counter() - since))
 
 
 class _Servicer(pb_grpc.DraftWorkerServicer):

@@ -15,6 +15,12 @@ pipelined step:
 Each sequence still alternates propose -> verify -> commit, with the same draft budgets and the
 same per-sequence order of random draws as the unpipelined engine; only the batching differs.
 
+Time-boxed drafting (on by default): the drafter drafts the upcoming micro-batch for as long as the
+target took in the last pipelined step, no longer (`Drafter.propose`'s time budget; greedy rows
+only, each keeps its first draft). Drafting past that only keeps the target waiting for drafts it
+then verifies at the cost of a whole step; the draft LM drafts while any row is confident, 1 to 8
+forwards, and one step in three used to outlast the verification.
+
 With a load-aware governor (`engine.governor`), pipelined steps consult one of their own, so that
 drafting on or off, at the full or the short length, is timed in the regime it runs in: a step
 the governor keeps undrafted verifies every running sequence at once (overlap needs drafts), and
@@ -40,6 +46,7 @@ from dspark_ray.engine.sequence import Sequence
 from dspark_ray.engine.strategy_chooser import StrategyChooser
 
 Pipelining = Literal["auto", "on", "off"]
+TARGET_TIME_SMOOTHING = 0.5  # weight of the last step in the estimate of the target's time per step
 
 
 @dataclass(frozen=True)
@@ -53,9 +60,11 @@ class PipeliningChooser(StrategyChooser):
 
 
 class PipelinedEngine(SpeculativeEngine):
-    def __init__(self, *args, pipelining: Pipelining = "auto", **kwargs) -> None:
+    def __init__(self, *args, pipelining: Pipelining = "auto", time_boxed_drafting: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pipelining: Pipelining = pipelining
+        self.time_boxed_drafting = time_boxed_drafting
+        self.target_seconds: float | None = None  # smoothed: what the target takes beside drafting
         self.chooser = PipeliningChooser()
         self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
         self._ready: MicroBatch | None = None  # proposed, waiting for the target
@@ -102,13 +111,17 @@ class PipelinedEngine(SpeculativeEngine):
         draft_limit = self.pipelined_governor.draft_limit(len(active)) if governed else None
         ready, upcoming = self._micro_batches(active, draft_limit, propose_next)
         unfreed, self._unfreed = self._unfreed, []
-        drafting = (self._drafting.submit(self._free_and_propose, unfreed, upcoming, draft_limit)
+        time_budget = self.target_seconds if self.time_boxed_drafting else None
+        drafting = (self._drafting.submit(self._free_and_propose, unfreed, upcoming, draft_limit, time_budget)
                     if upcoming else None)
         try:  # the target frees, prefills new prompts and verifies while the drafter drafts
+            target_start = time.perf_counter()
             if unfreed:
                 self.verifier.remove(unfreed)
             admitted, target_features = self.prefill()
             output = self.verifier.verify(ready.seqs, ready.proposal) if ready is not None else None
+            if drafting is not None and ready is not None:
+                self._observe_target(time.perf_counter() - target_start)
         finally:  # never leave a proposal running into the next step
             upcoming_proposal = drafting.result() if drafting is not None else None
         if drafting is None and unfreed:
@@ -137,10 +150,15 @@ class PipelinedEngine(SpeculativeEngine):
         in_ready = {seq.seq_id for seq in ready.seqs} if ready is not None else set()
         return ready, [seq for seq in active if seq.seq_id not in in_ready][: (len(active) + 1) // 2]
 
-    def _free_and_propose(self, unfreed: list[int], seqs: list[Sequence], draft_limit: int | None) -> DraftProposal:
+    def _free_and_propose(self, unfreed: list[int], seqs: list[Sequence], draft_limit: int | None,
+                          time_budget_s: float | None) -> DraftProposal:
         if unfreed:
             self.drafter.remove(unfreed)
-        return self.propose(seqs, draft_limit)
+        return self.propose(seqs, draft_limit, time_budget_s)
+
+    def _observe_target(self, seconds: float) -> None:
+        last = self.target_seconds
+        self.target_seconds = seconds if last is None else last + TARGET_TIME_SMOOTHING * (seconds - last)
 
     @staticmethod
     def _still_running(batch: MicroBatch | None, active: list[Sequence]) -> MicroBatch | None:

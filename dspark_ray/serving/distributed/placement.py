@@ -45,6 +45,10 @@ class WorkerPlacement(BaseModel):
                             "verifies the other; 'off': propose and verify back to back; 'auto': time both on live "
                             "traffic and keep the faster (overlap loses where both workers share a few CPU cores). "
                             "With load-aware drafting, pipelined steps have a governor of their own.")
+    time_boxed_drafting: bool = Field(
+        True, description="In a pipelined step, the draft worker stops drafting greedy rows once the target is "
+                          "expected to be done verifying (its time in the last pipelined steps), so the target "
+                          "does not wait for drafts; each row keeps its first draft. Output unchanged.")
     look_ahead: bool = Field(
         False, description="Within-request pipelining: while the target verifies a greedy draft, the draft worker "
                            "keeps drafting as if all of it were accepted, and the next proposal reuses that when "

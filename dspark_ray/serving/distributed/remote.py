@@ -205,7 +205,8 @@ class RemoteDrafter:
         if connection is not None and seqs and target_features is not None:
             self._add(connection, seqs, target_features)
 
-    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int]) -> DraftProposal:
+    def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
+                ) -> DraftProposal:
         seeds = [draw_seed(seq) if budget > 0 else 0 for seq, budget in zip(seqs, max_draft_tokens)]
         connection = self._connect()
         if connection is None:
@@ -215,7 +216,8 @@ class RemoteDrafter:
             return DraftProposal.empty(len(seqs))
         items = [pb.DraftItem(seq_id=seq.seq_id, max_draft_tokens=budget, seed=seed)
                  for seq, budget, seed in zip(seqs, max_draft_tokens, seeds)]
-        request = pb.ProposeRequest(updates=self.known.updates(seqs), feedback=self._take_feedback(seqs), items=items)
+        request = pb.ProposeRequest(updates=self.known.updates(seqs), feedback=self._take_feedback(seqs), items=items,
+                                    time_budget_s=0.0 if time_budget_s is None else max(time_budget_s, 1e-6))
         response = self._call(connection, "Propose", request)
         if response is None:
             return DraftProposal.empty(len(seqs))

@@ -65,6 +65,33 @@ def test_pipelining_and_sync_mode_do_not_change_the_output(distributed, local_ou
         engine.verifier.inline_sync = engine.drafter.inline_sync = True
 
 
+def test_drafting_time_boxed_on_the_draft_worker_keeps_the_output(distributed, local_outputs, case: Case,
+                                                                  monkeypatch) -> None:
+    """A pipelined step's time budget crosses the wire: spent at once (the target taking no time),
+    each greedy row drafts one token, where the full length drafts more."""
+    engine, config = distributed
+    if case.tp > 1 or case.drafter != "model":
+        pytest.skip("the draft LM's time budget, covered at TP=1")
+    drafts_per_row: dict[bool, list[int]] = {False: [], True: []}  # by whether a time budget came along
+    propose = engine.drafter.propose
+
+    def recording(seqs, max_draft_tokens, time_budget_s=None):
+        proposal = propose(seqs, max_draft_tokens, time_budget_s)
+        drafts_per_row[time_budget_s is not None].extend(proposal.num_draft_tokens.tolist())
+        return proposal
+
+    monkeypatch.setattr(engine.drafter, "propose", recording)
+    monkeypatch.setattr(engine, "pipelining", "on")
+    monkeypatch.setattr(engine, "time_boxed_drafting", False)
+    assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
+    assert max(drafts_per_row[False]) > 1 and not drafts_per_row[True]
+    monkeypatch.setattr(engine, "time_boxed_drafting", True)
+    monkeypatch.setattr(engine, "_observe_target", lambda seconds: None)
+    monkeypatch.setattr(engine, "target_seconds", 0.0)
+    assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
+    assert max(drafts_per_row[True]) == 1  # cold starts (nothing to overlap) still draft in full
+
+
 def test_seeded_sampling_is_reproducible(distributed) -> None:
     engine, _ = distributed
     requests = [GenerationRequest(prompt, SamplingParams(temperature=0.9, top_k=40, seed=7 + i), max_tokens=12)

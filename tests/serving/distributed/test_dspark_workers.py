@@ -74,8 +74,8 @@ def record_proposals(engine, monkeypatch) -> list:
     proposals = []
     propose = engine.drafter.propose
 
-    def recording(seqs, max_draft_tokens):
-        proposals.append((torch.tensor(max_draft_tokens), propose(seqs, max_draft_tokens)))
+    def recording(seqs, max_draft_tokens, time_budget_s=None):
+        proposals.append((torch.tensor(max_draft_tokens), propose(seqs, max_draft_tokens, time_budget_s)))
         return proposals[-1][1]
 
     monkeypatch.setattr(engine.drafter, "propose", recording)

@@ -36,9 +36,9 @@ def test_micro_batches_alternate_and_overlap(tiny) -> None:
     calls: list[tuple[str, tuple[int, ...], str]] = []
     propose, verify = engine.drafter.propose, engine.verifier.verify
 
-    def spy_propose(seqs, budgets):
+    def spy_propose(seqs, budgets, time_budget_s=None):
         calls.append(("propose", tuple(seq.seq_id for seq in seqs), threading.current_thread().name))
-        return propose(seqs, budgets)
+        return propose(seqs, budgets, time_budget_s)
 
     def spy_verify(seqs, proposal):
         calls.append(("verify", tuple(seq.seq_id for seq in seqs), threading.current_thread().name))
@@ -62,10 +62,10 @@ def test_the_target_prefills_new_requests_while_the_drafter_drafts(tiny, local_o
     proposing, overlapped, watching = threading.Event(), [], []
     propose, add = engine.drafter.propose, engine.verifier.add
 
-    def spy_propose(seqs, budgets):
+    def spy_propose(seqs, budgets, time_budget_s=None):
         if threading.current_thread().name.startswith("propose"):
             proposing.set()
-        return propose(seqs, budgets)
+        return propose(seqs, budgets, time_budget_s)
 
     def spy_add(seqs):
         if watching:  # not the first admission, which has nothing to overlap with
@@ -137,9 +137,9 @@ def test_pipelined_steps_draft_as_their_own_governor_says(tiny, local_outputs) -
     verified: list[tuple[int, int]] = []  # rows, drafts
     propose, verify = engine.drafter.propose, engine.verifier.verify
 
-    def spy_propose(seqs, max_draft_tokens):
+    def spy_propose(seqs, max_draft_tokens, time_budget_s=None):
         budgets.append((governor.asked[-1], max(max_draft_tokens)))
-        return propose(seqs, max_draft_tokens)
+        return propose(seqs, max_draft_tokens, time_budget_s)
 
     def spy_verify(seqs, proposal):
         verified.append((len(seqs), int(proposal.num_draft_tokens.sum())))

@@ -95,14 +95,16 @@ class DraftItem(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("updates", "feedback", "items")
+    __slots__ = ("updates", "feedback", "items", "time_budget_s")
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TIME_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     updates: _containers.RepeatedCompositeFieldContainer[TokenUpdate]
     feedback: _containers.RepeatedCompositeFieldContainer[VerifyFeedback]
     items: _containers.RepeatedCompositeFieldContainer[DraftItem]
-    def __init__(self, updates: _Optional[_Iterable[_Union[TokenUpdate, _Mapping]]] = ..., feedback: _Optional[_Iterable[_Union[VerifyFeedback, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ...) -> None: ...
+    time_budget_s: float
+    def __init__(self, updates: _Optional[_Iterable[_Union[TokenUpdate, _Mapping]]] = ..., feedback: _Optional[_Iterable[_Union[VerifyFeedback, _Mapping]]] = ..., items: _Optional[_Iterable[_Union[DraftItem, _Mapping]]] = ..., time_budget_s: _Optional[float] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("draft_token_ids", "draft_probs")
