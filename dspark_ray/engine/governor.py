@@ -86,7 +86,7 @@ class SpeculationGovernor:
         # Tokens per sequence, scaled to a full bucket: a step of 11 sequences counts 11/16 of its
         # seconds in the bucket of 16, so a block that ran while requests came and went (fewer
         # tokens per step in either mode) does not lose its verdict to the batch size alone.
-        seconds = seconds * batch_size / _bucket_size(batch_size)
+        seconds = seconds * batch_size / bucket_size(batch_size)
         bucket = self._bucket(batch_size)
         bucket.drafting.record(draft_limit != 0, num_tokens, seconds)
         if draft_limit != 0 and bucket.full_length is not None and not bucket.drafting.exploring:
@@ -104,7 +104,7 @@ class SpeculationGovernor:
                 if bucket.full_length is not None and bucket.full_length.rates}
 
     def _bucket(self, batch_size: int) -> _Bucket:
-        size = _bucket_size(batch_size)
+        size = bucket_size(batch_size)
         if size not in self.buckets:
             self.buckets[size] = _Bucket(
                 self._chooser(explore_first=False),  # the target alone first (see above)
@@ -117,6 +117,6 @@ class SpeculationGovernor:
                                confirming=CONFIRMING)
 
 
-def _bucket_size(batch_size: int) -> int:
+def bucket_size(batch_size: int) -> int:
     """The batch size rounded up to a power of 2."""
     return 1 << max(0, batch_size - 1).bit_length()

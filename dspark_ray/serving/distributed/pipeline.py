@@ -28,8 +28,8 @@ a drafting step proposes the next micro-batch at the governor's length.
 
 Overlap pays when drafting and verifying both take time (each micro-batch costs only its own
 rows: `CausalLMRunner.forward`); it loses when one of them is nearly free or both share a few
-busy CPU cores. Mode "auto" therefore times both strategies on live traffic
-(`PipeliningChooser`) and keeps the faster; "on" and "off" force one.
+busy CPU cores. Mode "auto" therefore times both strategies on live traffic, per batch-size
+bucket (`PipeliningChooser`), and keeps the faster; "on" and "off" force one.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Literal
 
 from dspark_ray.engine.drafters.base import DraftProposal
 from dspark_ray.engine.engine import SpeculativeEngine, record_rate
+from dspark_ray.engine.governor import bucket_size
 from dspark_ray.engine.sequence import Sequence
 from dspark_ray.engine.strategy_chooser import StrategyChooser
 
@@ -65,14 +66,18 @@ class PipelinedEngine(SpeculativeEngine):
         self.pipelining: Pipelining = pipelining
         self.time_boxed_drafting = time_boxed_drafting
         self.target_seconds: float | None = None  # smoothed: what the target takes beside drafting
-        self.chooser = PipeliningChooser()
+        # Mode "auto": a chooser per batch-size bucket (engine.governor's), since overlap pays at
+        # some loads only (halving a small batch costs about what the overlap hides).
+        self.choosers: dict[int, PipeliningChooser] = {}
+        self.new_chooser = PipeliningChooser
         self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
         self._ready: MicroBatch | None = None  # proposed, waiting for the target
         self._unfreed: list[int] = []  # released sequences the workers still hold
         self.pipelined_governor = copy.deepcopy(self.governor)  # fresh: times pipelined steps only
 
     def step(self) -> list[Sequence]:
-        pipelined = self.chooser.next_mode() if self.pipelining == "auto" else self.pipelining == "on"
+        chooser = self.chooser(min(self.max_batch_size, len(self.running) + len(self.waiting)))
+        pipelined = chooser.next_mode() if self.pipelining == "auto" else self.pipelining == "on"
         before = {seq.seq_id: len(seq.output_token_ids) for seq in self.running}
         start = time.perf_counter()
         if not pipelined:
@@ -83,8 +88,15 @@ class PipelinedEngine(SpeculativeEngine):
         else:
             finished = super().step()
         num_tokens = sum(len(seq.output_token_ids) - before.get(seq.seq_id, 0) for seq in self.running + finished)
-        self.chooser.record(pipelined, num_tokens, time.perf_counter() - start)
+        chooser.record(pipelined, num_tokens, time.perf_counter() - start)
         return finished
+
+    def chooser(self, batch_size: int) -> PipeliningChooser:
+        """The pipelining chooser of steps of `batch_size` sequences."""
+        bucket = bucket_size(batch_size)
+        if bucket not in self.choosers:
+            self.choosers[bucket] = self.new_chooser()
+        return self.choosers[bucket]
 
     def free(self, seq_ids: list[int]) -> None:
         """Deferred to the next step, where each worker frees them next to its own work (two

@@ -43,7 +43,8 @@ class WorkerPlacement(BaseModel):
     pipelining: Literal["auto", "on", "off"] = Field(
         "auto", description="'on': split running sequences into two micro-batches and draft one while the target "
                             "verifies the other; 'off': propose and verify back to back; 'auto': time both on live "
-                            "traffic and keep the faster (overlap loses where both workers share a few CPU cores). "
+                            "traffic, per batch-size bucket, and keep the faster (overlap loses at low load and where both "
+                            "workers share a few CPU cores). "
                             "With load-aware drafting, pipelined steps have a governor of their own.")
     time_boxed_drafting: bool = Field(
         True, description="In a pipelined step, the draft worker stops drafting greedy rows once the target is "

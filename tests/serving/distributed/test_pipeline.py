@@ -181,12 +181,47 @@ def test_seeded_sampling_is_reproducible(tiny) -> None:
 def test_auto_mode_switches_strategies_without_changing_the_output(tiny, local_outputs) -> None:
     config = engine_config(tiny("llama"), "model")
     engine = _pipelined(config, "auto")
-    engine.chooser = PipeliningChooser(window=1, exploit_windows=1)  # switch nearly every step
     modes = []
-    next_mode = engine.chooser.next_mode
-    engine.chooser.next_mode = lambda: modes.append(next_mode()) or modes[-1]
+
+    def switching_often() -> PipeliningChooser:
+        chooser = PipeliningChooser(window=1, exploit_windows=1)  # switch nearly every step
+        next_mode = chooser.next_mode
+        chooser.next_mode = lambda: modes.append(next_mode()) or modes[-1]
+        return chooser
+
+    engine.new_chooser = switching_often
     assert outputs(engine.generate(greedy_requests())) == local_outputs(config, greedy_requests())
-    assert True in modes and False in modes and set(engine.chooser.rates) == {True, False}
+    assert True in modes and False in modes
+    assert set(engine.choosers[8].rates) == {True, False}  # the 5 sequences' bucket timed both
+
+
+class FixedChooser:
+    """A pipelining chooser whose verdict is set; records which modes it was told about."""
+
+    def __init__(self, pipelined: bool) -> None:
+        self.pipelined = pipelined
+        self.recorded: list[bool] = []
+
+    def next_mode(self) -> bool:
+        return self.pipelined
+
+    def record(self, pipelined: bool, num_tokens: int, seconds: float) -> None:
+        self.recorded.append(pipelined)
+
+
+def test_auto_mode_keeps_a_verdict_per_load(tiny, local_outputs) -> None:
+    config = engine_config(tiny("llama"), "model")
+    engine = _pipelined(config, "auto")
+    engine.choosers = {8: FixedChooser(True), 2: FixedChooser(False)}  # overlap pays at 5-8 sequences only
+    seqs = [engine.add_request(request) for request in greedy_requests()]
+    assert len(seqs) == 5
+    for _ in range(3):
+        engine.step()
+    engine.abort([seq.seq_id for seq in seqs[2:]])
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.choosers[8].recorded == [True] * 3 and set(engine.choosers[2].recorded) == {False}
+    assert outputs(seqs[:2]) == local_outputs(config, greedy_requests())[:2]
 
 
 def test_chooser_exploits_the_faster_strategy() -> None:
