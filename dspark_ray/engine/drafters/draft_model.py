@@ -100,19 +100,20 @@ class DraftModelDrafter:
                            if any_sampled else None)  # greedy drafts are argmaxes: no distributions
             chosen = self._choose(draft_probs, logits, sampling, seqs, feed)  # [B]
             confidence = torch.softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
+            chosen_ids, confidences = chosen.tolist(), confidence.tolist()  # waits for the forward (on a GPU too)
             now = time.perf_counter()  # greedy rows stop where another forward like this one would end late
             out_of_time = deadline is not None and now + (now - forward_start) > deadline
             next_feed = {}
             for row, seq in enumerate(seqs):
                 if seq.seq_id not in feed:
                     continue
-                tokens[row].append(int(chosen[row]))
+                tokens[row].append(chosen_ids[row])
                 if any_sampled:
                     probs[row].append(draft_probs[row])
-                confident = self._confident(float(confidence[row]))
+                confident = self._confident(confidences[row])
                 in_time = not out_of_time or not seq.request.sampling.is_greedy
                 if len(tokens[row]) < budgets[row] and confident and in_time:
-                    next_feed[seq.seq_id] = [int(chosen[row])]
+                    next_feed[seq.seq_id] = [chosen_ids[row]]
                 elif confident and not any_sampled:
                     self._confident_drafts[seq.seq_id] = tokens[row]
             feed = next_feed
