@@ -16,10 +16,10 @@ Each sequence still alternates propose -> verify -> commit, with the same draft 
 same per-sequence order of random draws as the unpipelined engine; only the batching differs.
 
 Time-boxed drafting (on by default): the drafter drafts the upcoming micro-batch for as long as the
-target took in the last pipelined step, no longer (`Drafter.propose`'s time budget; greedy rows
-only, each keeps its first draft). Drafting past that only keeps the target waiting for drafts it
-then verifies at the cost of a whole step; the draft LM drafts while any row is confident, 1 to 8
-forwards, and one step in three used to outlast the verification.
+target took to verify in the last pipelined steps (smoothed; steps that prefilled are left out),
+no longer (`Drafter.propose`'s time budget; greedy rows only, each keeps its first draft).
+Drafting past that only keeps the target waiting; the draft LM drafts while any row is confident,
+1 to 8 forwards, and one step in three used to outlast the verification.
 
 With a load-aware governor (`engine.governor`), pipelined steps consult one of their own, so that
 drafting on or off, at the full or the short length, is timed in the regime it runs in: a step
@@ -65,7 +65,7 @@ class PipelinedEngine(SpeculativeEngine):
         super().__init__(*args, **kwargs)
         self.pipelining: Pipelining = pipelining
         self.time_boxed_drafting = time_boxed_drafting
-        self.target_seconds: float | None = None  # smoothed: what the target takes beside drafting
+        self.target_seconds: float | None = None  # smoothed: what the target's verification takes beside drafting
         # Mode "auto": a chooser per batch-size bucket (engine.governor's), since overlap pays at
         # some loads only (halving a small batch costs about what the overlap hides).
         self.choosers: dict[int, PipeliningChooser] = {}
@@ -132,7 +132,7 @@ class PipelinedEngine(SpeculativeEngine):
                 self.verifier.remove(unfreed)
             admitted, target_features = self.prefill()
             output = self.verifier.verify(ready.seqs, ready.proposal) if ready is not None else None
-            if drafting is not None and ready is not None:
+            if drafting is not None and ready is not None and not admitted:  # a prefill is no verification
                 self._observe_target(time.perf_counter() - target_start)
         finally:  # never leave a proposal running into the next step
             upcoming_proposal = drafting.result() if drafting is not None else None
