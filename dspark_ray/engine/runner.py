@@ -7,6 +7,7 @@ and `sync` rolls it back to the longest prefix that is still true.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from contextlib import nullcontext
 
@@ -28,6 +29,7 @@ class CausalLMRunner:
         self.max_position = context_limit(model)
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.cache_keyword = cache_keyword(model)
         self.seq_ids: list[int] = []
         self.cache = self._new_cache(0)
 
@@ -106,13 +108,19 @@ class CausalLMRunner:
                 input_ids=inputs.input_ids.to(self.device),
                 position_ids=inputs.position_ids.to(self.device),
                 attention_mask=inputs.attention_mask.to(self.device),
-                cache=cache.hf_cache,
                 use_cache=True,
+                **{self.cache_keyword: cache.hf_cache},
             )
         cache.commit(token_lists, inputs)
         if self.capture is not None:
             self.last_features = self.capture.take()
         return output.logits.float()
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The forward's name for the KV cache: `cache`, or `past_key_values` before transformers
+    renamed it during 5.x (5.17 still takes the old name)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
