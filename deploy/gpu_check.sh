@@ -24,7 +24,7 @@ status=0
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 'transformers', transformers.__version__)"; } 2>&1 | tee "$out/environment.txt"
 
-python3 -m dspark_ray.cli bench offline --device "$device" --dtype "$dtype" --num-prompts "$num_prompts" \
+python3 -m dspark_ray.bench.offline --device "$device" --dtype "$dtype" --num-prompts "$num_prompts" \
   --max-tokens "$max_tokens" --repetitions 3 --out "$out/offline.json" 2>&1 | tee "$out/offline.log" || status=1
 
 if python3 -c "import ray" 2>/dev/null; then

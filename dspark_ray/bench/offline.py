@@ -242,3 +242,16 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(results, args.plot)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dspark_ray.bench.offline ...`: `dspark-ray bench offline` without the rest of the
+    command line, which imports the serving stack (Ray) even for this (a GPU image without Ray)."""
+    parser = argparse.ArgumentParser(prog="python -m dspark_ray.bench.offline")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["offline", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
