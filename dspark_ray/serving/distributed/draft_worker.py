@@ -105,8 +105,9 @@ class DraftWorker:
         self._sync(request.updates, request.feedback)
         seqs = self.mirror.get(item.seq_id for item in request.items)
         self.mirror.reseed(seqs, [item.seed for item in request.items])
+        time_budget = request.time_budget_s if request.HasField("time_budget_s") else None
         proposal = self.drafter.propose(seqs, [item.max_draft_tokens for item in request.items],
-                                        _remaining(request.time_budget_s, arrival))
+                                        _remaining(time_budget, arrival))
         if self.look_ahead:
             self.runner.run_after_this_command(functools.partial(self.drafter.look_ahead, seqs))
         return pb.ProposeResponse(drafts=convert.proposal_to_wire(proposal, seqs))
@@ -138,9 +139,9 @@ class DraftWorker:
                                      [item.num_accepted_tokens for item in feedback], features)
 
 
-def _remaining(time_budget_s: float, since: float) -> float | None:
-    """What is left of a command's time budget (0 on the wire: none)."""
-    return None if time_budget_s <= 0 else max(0.0, time_budget_s - (time.perf_counter() - since))
+def _remaining(time_budget_s: float | None, since: float) -> float | None:
+    """What is left of a command's time budget, if it has one."""
+    return None if time_budget_s is None else max(0.0, time_budget_s - (time.perf_counter() - since))
 
 
 class _Servicer(pb_grpc.DraftWorkerServicer):

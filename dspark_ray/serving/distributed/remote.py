@@ -217,7 +217,7 @@ class RemoteDrafter:
         items = [pb.DraftItem(seq_id=seq.seq_id, max_draft_tokens=budget, seed=seed)
                  for seq, budget, seed in zip(seqs, max_draft_tokens, seeds)]
         request = pb.ProposeRequest(updates=self.known.updates(seqs), feedback=self._take_feedback(seqs), items=items,
-                                    time_budget_s=0.0 if time_budget_s is None else max(time_budget_s, 1e-6))
+                                    time_budget_s=time_budget_s)
         response = self._call(connection, "Propose", request)
         if response is None:
             return DraftProposal.empty(len(seqs))

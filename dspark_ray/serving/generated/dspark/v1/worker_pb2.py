@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64spark/v1/worker.proto\x12\tdspark.v1\"R\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\"\x8d\x01\n\x0cSequenceSpec\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.dspark.v1.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"N\n\x0bTokenUpdate\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10num_known_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\"*\n\x0b\x46loatTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x88\x01\n\x0eVerifyFeedback\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\r\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\r\x12/\n\x0ftarget_features\x18\x04 \x01(\x0b\x32\x16.dspark.v1.FloatTensor\"F\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\r\n\x05probs\x18\x03 \x01(\x0c\"i\n\x0f\x44raftAddRequest\x12%\n\x04seqs\x18\x01 \x03(\x0b\x32\x17.dspark.v1.SequenceSpec\x12/\n\x0ftarget_features\x18\x02 \x03(\x0b\x32\x16.dspark.v1.FloatTensor\"\x12\n\x10\x44raftAddResponse\"C\n\tDraftItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10max_draft_tokens\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\xa2\x01\n\x0eProposeRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x03(\x0b\x32\x19.dspark.v1.VerifyFeedback\x12#\n\x05items\x18\x03 \x03(\x0b\x32\x14.dspark.v1.DraftItem\x12\x15\n\rtime_budget_s\x18\x04 \x01(\x01\"T\n\x05\x44raft\x12\x17\n\x0f\x64raft_token_ids\x18\x01 \x03(\x05\x12\x32\n\x0b\x64raft_probs\x18\x02 \x03(\x0b\x32\x1d.dspark.v1.SparseDistribution\"3\n\x0fProposeResponse\x12 \n\x06\x64rafts\x18\x01 \x03(\x0b\x32\x10.dspark.v1.Draft\"h\n\x10\x44raftSyncRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x03(\x0b\x32\x19.dspark.v1.VerifyFeedback\"9\n\x10TargetAddRequest\x12%\n\x04seqs\x18\x01 \x03(\x0b\x32\x17.dspark.v1.SequenceSpec\"w\n\nVerifyItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x17\n\x0f\x64raft_token_ids\x18\x02 \x03(\x05\x12\x32\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32\x1d.dspark.v1.SparseDistribution\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"^\n\rVerifyRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.dspark.v1.VerifyItem\"v\n\x0cVerifyResult\x12\x18\n\x10output_token_ids\x18\x01 \x03(\x05\x12\x1b\n\x13num_accepted_tokens\x18\x02 \x01(\r\x12/\n\x0ftarget_features\x18\x03 \x01(\x0b\x32\x16.dspark.v1.FloatTensor\"=\n\x11TargetAddResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.dspark.v1.VerifyResult\":\n\x0eVerifyResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.dspark.v1.VerifyResult\"<\n\x11TargetSyncRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\"\x0e\n\x0cSyncResponse\" \n\rRemoveRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"\x10\n\x0eRemoveResponse\"$\n\rHealthRequest\x12\x13\n\x0breset_times\x18\x01 \x01(\x08\"\x7f\n\x0eHealthResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x15\n\rnum_sequences\x18\x02 \x01(\r\x12\x14\n\x0cnum_commands\x18\x03 \x01(\x04\x12\x0e\n\x06\x62usy_s\x18\x04 \x01(\x01\x12\x0e\n\x06idle_s\x18\x05 \x01(\x01\x12\x12\n\nworld_size\x18\x06 \x01(\r2\xcb\x02\n\x0b\x44raftWorker\x12>\n\x03\x41\x64\x64\x12\x1a.dspark.v1.DraftAddRequest\x1a\x1b.dspark.v1.DraftAddResponse\x12@\n\x07Propose\x12\x19.dspark.v1.ProposeRequest\x1a\x1a.dspark.v1.ProposeResponse\x12<\n\x04Sync\x12\x1b.dspark.v1.DraftSyncRequest\x1a\x17.dspark.v1.SyncResponse\x12=\n\x06Remove\x12\x18.dspark.v1.RemoveRequest\x1a\x19.dspark.v1.RemoveResponse\x12=\n\x06Health\x12\x18.dspark.v1.HealthRequest\x1a\x19.dspark.v1.HealthResponse2\xcc\x02\n\x0cTargetWorker\x12@\n\x03\x41\x64\x64\x12\x1b.dspark.v1.TargetAddRequest\x1a\x1c.dspark.v1.TargetAddResponse\x12=\n\x06Verify\x12\x18.dspark.v1.VerifyRequest\x1a\x19.dspark.v1.VerifyResponse\x12=\n\x04Sync\x12\x1c.dspark.v1.TargetSyncRequest\x1a\x17.dspark.v1.SyncResponse\x12=\n\x06Remove\x12\x18.dspark.v1.RemoveRequest\x1a\x19.dspark.v1.RemoveResponse\x12=\n\x06Health\x12\x18.dspark.v1.HealthRequest\x1a\x19.dspark.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64spark/v1/worker.proto\x12\tdspark.v1\"R\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\"\x8d\x01\n\x0cSequenceSpec\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.dspark.v1.SamplingParams\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"N\n\x0bTokenUpdate\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10num_known_tokens\x18\x02 \x01(\r\x12\x15\n\rnew_token_ids\x18\x03 \x03(\x05\"*\n\x0b\x46loatTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x88\x01\n\x0eVerifyFeedback\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\r\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\r\x12/\n\x0ftarget_features\x18\x04 \x01(\x0b\x32\x16.dspark.v1.FloatTensor\"F\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\x0c\x12\r\n\x05probs\x18\x03 \x01(\x0c\"i\n\x0f\x44raftAddRequest\x12%\n\x04seqs\x18\x01 \x03(\x0b\x32\x17.dspark.v1.SequenceSpec\x12/\n\x0ftarget_features\x18\x02 \x03(\x0b\x32\x16.dspark.v1.FloatTensor\"\x12\n\x10\x44raftAddResponse\"C\n\tDraftItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10max_draft_tokens\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"\xb9\x01\n\x0eProposeRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x03(\x0b\x32\x19.dspark.v1.VerifyFeedback\x12#\n\x05items\x18\x03 \x03(\x0b\x32\x14.dspark.v1.DraftItem\x12\x1a\n\rtime_budget_s\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_time_budget_s\"T\n\x05\x44raft\x12\x17\n\x0f\x64raft_token_ids\x18\x01 \x03(\x05\x12\x32\n\x0b\x64raft_probs\x18\x02 \x03(\x0b\x32\x1d.dspark.v1.SparseDistribution\"3\n\x0fProposeResponse\x12 \n\x06\x64rafts\x18\x01 \x03(\x0b\x32\x10.dspark.v1.Draft\"h\n\x10\x44raftSyncRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\x12+\n\x08\x66\x65\x65\x64\x62\x61\x63k\x18\x02 \x03(\x0b\x32\x19.dspark.v1.VerifyFeedback\"9\n\x10TargetAddRequest\x12%\n\x04seqs\x18\x01 \x03(\x0b\x32\x17.dspark.v1.SequenceSpec\"w\n\nVerifyItem\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x17\n\x0f\x64raft_token_ids\x18\x02 \x03(\x05\x12\x32\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32\x1d.dspark.v1.SparseDistribution\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"^\n\rVerifyRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.dspark.v1.VerifyItem\"v\n\x0cVerifyResult\x12\x18\n\x10output_token_ids\x18\x01 \x03(\x05\x12\x1b\n\x13num_accepted_tokens\x18\x02 \x01(\r\x12/\n\x0ftarget_features\x18\x03 \x01(\x0b\x32\x16.dspark.v1.FloatTensor\"=\n\x11TargetAddResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.dspark.v1.VerifyResult\":\n\x0eVerifyResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.dspark.v1.VerifyResult\"<\n\x11TargetSyncRequest\x12\'\n\x07updates\x18\x01 \x03(\x0b\x32\x16.dspark.v1.TokenUpdate\"\x0e\n\x0cSyncResponse\" \n\rRemoveRequest\x12\x0f\n\x07seq_ids\x18\x01 \x03(\x04\"\x10\n\x0eRemoveResponse\"$\n\rHealthRequest\x12\x13\n\x0breset_times\x18\x01 \x01(\x08\"\x7f\n\x0eHealthResponse\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x15\n\rnum_sequences\x18\x02 \x01(\r\x12\x14\n\x0cnum_commands\x18\x03 \x01(\x04\x12\x0e\n\x06\x62usy_s\x18\x04 \x01(\x01\x12\x0e\n\x06idle_s\x18\x05 \x01(\x01\x12\x12\n\nworld_size\x18\x06 \x01(\r2\xcb\x02\n\x0b\x44raftWorker\x12>\n\x03\x41\x64\x64\x12\x1a.dspark.v1.DraftAddRequest\x1a\x1b.dspark.v1.DraftAddResponse\x12@\n\x07Propose\x12\x19.dspark.v1.ProposeRequest\x1a\x1a.dspark.v1.ProposeResponse\x12<\n\x04Sync\x12\x1b.dspark.v1.DraftSyncRequest\x1a\x17.dspark.v1.SyncResponse\x12=\n\x06Remove\x12\x18.dspark.v1.RemoveRequest\x1a\x19.dspark.v1.RemoveResponse\x12=\n\x06Health\x12\x18.dspark.v1.HealthRequest\x1a\x19.dspark.v1.HealthResponse2\xcc\x02\n\x0cTargetWorker\x12@\n\x03\x41\x64\x64\x12\x1b.dspark.v1.TargetAddRequest\x1a\x1c.dspark.v1.TargetAddResponse\x12=\n\x06Verify\x12\x18.dspark.v1.VerifyRequest\x1a\x19.dspark.v1.VerifyResponse\x12=\n\x04Sync\x12\x1c.dspark.v1.TargetSyncRequest\x1a\x17.dspark.v1.SyncResponse\x12=\n\x06Remove\x12\x18.dspark.v1.RemoveRequest\x1a\x19.dspark.v1.RemoveResponse\x12=\n\x06Health\x12\x18.dspark.v1.HealthRequest\x1a\x19.dspark.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,39 +50,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTITEM']._serialized_start=727
   _globals['_DRAFTITEM']._serialized_end=794
   _globals['_PROPOSEREQUEST']._serialized_start=797
-  _globals['_PROPOSEREQUEST']._serialized_end=959
-  _globals['_DRAFT']._serialized_start=961
-  _globals['_DRAFT']._serialized_end=1045
-  _globals['_PROPOSERESPONSE']._serialized_start=1047
-  _globals['_PROPOSERESPONSE']._serialized_end=1098
-  _globals['_DRAFTSYNCREQUEST']._serialized_start=1100
-  _globals['_DRAFTSYNCREQUEST']._serialized_end=1204
-  _globals['_TARGETADDREQUEST']._serialized_start=1206
-  _globals['_TARGETADDREQUEST']._serialized_end=1263
-  _globals['_VERIFYITEM']._serialized_start=1265
-  _globals['_VERIFYITEM']._serialized_end=1384
-  _globals['_VERIFYREQUEST']._serialized_start=1386
-  _globals['_VERIFYREQUEST']._serialized_end=1480
-  _globals['_VERIFYRESULT']._serialized_start=1482
-  _globals['_VERIFYRESULT']._serialized_end=1600
-  _globals['_TARGETADDRESPONSE']._serialized_start=1602
-  _globals['_TARGETADDRESPONSE']._serialized_end=1663
-  _globals['_VERIFYRESPONSE']._serialized_start=1665
-  _globals['_VERIFYRESPONSE']._serialized_end=1723
-  _globals['_TARGETSYNCREQUEST']._serialized_start=1725
-  _globals['_TARGETSYNCREQUEST']._serialized_end=1785
-  _globals['_SYNCRESPONSE']._serialized_start=1787
-  _globals['_SYNCRESPONSE']._serialized_end=1801
-  _globals['_REMOVEREQUEST']._serialized_start=1803
-  _globals['_REMOVEREQUEST']._serialized_end=1835
-  _globals['_REMOVERESPONSE']._serialized_start=1837
-  _globals['_REMOVERESPONSE']._serialized_end=1853
-  _globals['_HEALTHREQUEST']._serialized_start=1855
-  _globals['_HEALTHREQUEST']._serialized_end=1891
-  _globals['_HEALTHRESPONSE']._serialized_start=1893
-  _globals['_HEALTHRESPONSE']._serialized_end=2020
-  _globals['_DRAFTWORKER']._serialized_start=2023
-  _globals['_DRAFTWORKER']._serialized_end=2354
-  _globals['_TARGETWORKER']._serialized_start=2357
-  _globals['_TARGETWORKER']._serialized_end=2689
+  _globals['_PROPOSEREQUEST']._serialized_end=982
+  _globals['_DRAFT']._serialized_start=984
+  _globals['_DRAFT']._serialized_end=1068
+  _globals['_PROPOSERESPONSE']._serialized_start=1070
+  _globals['_PROPOSERESPONSE']._serialized_end=1121
+  _globals['_DRAFTSYNCREQUEST']._serialized_start=1123
+  _globals['_DRAFTSYNCREQUEST']._serialized_end=1227
+  _globals['_TARGETADDREQUEST']._serialized_start=1229
+  _globals['_TARGETADDREQUEST']._serialized_end=1286
+  _globals['_VERIFYITEM']._serialized_start=1288
+  _globals['_VERIFYITEM']._serialized_end=1407
+  _globals['_VERIFYREQUEST']._serialized_start=1409
+  _globals['_VERIFYREQUEST']._serialized_end=1503
+  _globals['_VERIFYRESULT']._serialized_start=1505
+  _globals['_VERIFYRESULT']._serialized_end=1623
+  _globals['_TARGETADDRESPONSE']._serialized_start=1625
+  _globals['_TARGETADDRESPONSE']._serialized_end=1686
+  _globals['_VERIFYRESPONSE']._serialized_start=1688
+  _globals['_VERIFYRESPONSE']._serialized_end=1746
+  _globals['_TARGETSYNCREQUEST']._serialized_start=1748
+  _globals['_TARGETSYNCREQUEST']._serialized_end=1808
+  _globals['_SYNCRESPONSE']._serialized_start=1810
+  _globals['_SYNCRESPONSE']._serialized_end=1824
+  _globals['_REMOVEREQUEST']._serialized_start=1826
+  _globals['_REMOVEREQUEST']._serialized_end=1858
+  _globals['_REMOVERESPONSE']._serialized_start=1860
+  _globals['_REMOVERESPONSE']._serialized_end=1876
+  _globals['_HEALTHREQUEST']._serialized_start=1878
+  _globals['_HEALTHREQUEST']._serialized_end=1914
+  _globals['_HEALTHRESPONSE']._serialized_start=1916
+  _globals['_HEALTHRESPONSE']._serialized_end=2043
+  _globals['_DRAFTWORKER']._serialized_start=2046
+  _globals['_DRAFTWORKER']._serialized_end=2377
+  _globals['_TARGETWORKER']._serialized_start=2380
+  _globals['_TARGETWORKER']._serialized_end=2712
 # @@protoc_insertion_point(module_scope)
