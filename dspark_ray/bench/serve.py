@@ -287,14 +287,15 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     from dspark_ray.generate_cli import engine_config_from_args
     from dspark_ray.serving import serve_cli
     from dspark_ray.serving.app import build_app
-    from dspark_ray.serving.config import AppConfig, ServeConfig
+    from dspark_ray.serving.config import AppConfig, ServeConfig, WorkersConfig
 
     engine = engine_config_from_args(args, max_batch_size=max(levels))
     target_only = engine.model_copy(update={"drafter": "none"})
     capacity = {"max_ongoing_requests": max(levels), "max_queued_requests": max(levels),
                 "torch_num_threads": args.threads or 1,
                 # both apps share one GPU (Ray hides GPUs from actors that reserve none)
-                "model_server_num_gpus": 0.5 if engine.device.startswith("cuda") else 0.0}
+                "model_server_num_gpus": 0.5 if engine.device.startswith("cuda") else 0.0,
+                "workers": WorkersConfig(engine_process=args.engine_process)}
     port = free_port()
     config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
                          app=AppConfig(engine=engine, **capacity))
@@ -327,7 +328,7 @@ def median_levels(reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 def add_parser(subparsers) -> None:
     from dspark_ray.generate_cli import add_engine_arguments
-    from dspark_ray.serving.serve_cli import add_high_throughput_argument
+    from dspark_ray.serving.serve_cli import add_engine_process_argument, add_high_throughput_argument
 
     parser = subparsers.add_parser("serve", help="load an OpenAI-compatible server at several concurrencies",
                                    description=__doc__.split("\n\n")[0])
@@ -352,6 +353,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repetitions", type=int, default=1,
                         help="--launch: interleaved runs of both apps; each level reports the median run")
     add_high_throughput_argument(parser)
+    add_engine_process_argument(parser)
     add_engine_arguments(parser)
     parser.set_defaults(func=run)
 

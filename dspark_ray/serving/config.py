@@ -36,9 +36,17 @@ class WorkersConfig(FrozenModel):
     mode: Literal["local", "distributed"] = Field(
         "local",
         description=(
-            "'local': the engine runs inside the model-server replica process. 'distributed': the "
+            "'local': the engine runs on the model-server replica's machine, in its process or a child "
+            "process (see `engine_process`). 'distributed': the "
             "target runs on tensor-parallel worker actors and the drafter on its own actor, reserved by "
             "the replica through a placement group (see `placement`)."
+        ),
+    )
+    engine_process: bool = Field(
+        True,
+        description=(
+            "Mode 'local': step the engine in a child process of the replica, with a GIL of its own (as "
+            "vLLM's engine core), instead of on a thread of the replica process."
         ),
     )
     placement: WorkerPlacement = Field(

@@ -66,6 +66,7 @@ def add_parser(subparsers) -> None:
                         help="Ray cluster to use: 'local' (default) starts a fresh one, 'auto' joins a running one")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of a fresh local Ray cluster")
     add_high_throughput_argument(parser)
+    add_engine_process_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -78,12 +79,19 @@ def add_high_throughput_argument(parser: argparse.ArgumentParser) -> None:
                              "token, but an aborted non-streaming request decodes to its end")
 
 
+def add_engine_process_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="step a local engine in a child process of the model-server replica, with a GIL of "
+                             "its own (default on; off: on a thread of the replica)")
+
+
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.config is not None:
         config = ServeConfig.from_file(args.config)
     else:
         overrides = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
-        workers = WorkersConfig(mode="distributed" if args.tp > 1 else "local", placement=WorkerPlacement(tp=args.tp))
+        workers = WorkersConfig(mode="distributed" if args.tp > 1 else "local", placement=WorkerPlacement(tp=args.tp),
+                                engine_process=args.engine_process)
         engine = engine_config_from_args(args, **overrides)
         # Ray hides GPUs from actors that reserve none: a local-mode replica on CUDA reserves one.
         num_gpus = 1.0 if engine.device.startswith("cuda") and workers.mode == "local" else 0.0

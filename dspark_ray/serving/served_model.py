@@ -17,10 +17,10 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from dspark_ray.config import EngineConfig
 from dspark_ray.engine.engine import SpeculativeEngine
-from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.loading import load_tokenizer
 from dspark_ray.serving.config import AppConfig, WorkersConfig
-from dspark_ray.serving.model_server import ModelServer
+from dspark_ray.serving.engine_process import EngineProcess, build_local_engine
+from dspark_ray.serving.model_server import EngineRunner, LoopThread, ModelServer
 from dspark_ray.serving.openai_api import InferenceRequest, RequestRejected
 from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest
 
@@ -39,10 +39,9 @@ class ServedModel:
         self.config = config
         self.tokenizer = load_tokenizer(config.engine.target)
         self.chat_template = self.tokenizer.chat_template or config.chat_template
-        engine, decode = build_model_engine(config.engine, config.workers)
-        self.info = ModelInfo(config.model_name, engine.stop_rules.context_limit, shared_vocab_size(config.engine),
+        self.server = ModelServer(engine_runner(config))
+        self.info = ModelInfo(config.model_name, self.server.runner.context_limit, shared_vocab_size(config.engine),
                               self.chat_template is not None)
-        self.server = ModelServer(engine, decode, config.model_name)
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[CompletionDelta | RequestRejected]:
         """Deltas of one completion, or a single `RequestRejected` when the prompt is unusable.
@@ -97,16 +96,22 @@ class ServedModel:
 
     def check_health(self) -> None:
         """Serve's periodic health check: a dead engine loop fails the replica so Serve replaces it."""
-        if not self.server._thread.is_alive():
-            raise RuntimeError("the engine loop thread has stopped")
+        if not self.server.is_alive():
+            raise RuntimeError("the engine loop has stopped")
 
     def __del__(self) -> None:
         server = getattr(self, "server", None)
         if server is not None:
             server.shutdown()
-            engine_shutdown = getattr(server.engine, "shutdown", None)  # distributed: workers, placement group
-            if engine_shutdown is not None:
-                engine_shutdown()
+
+
+def engine_runner(config: AppConfig) -> EngineRunner:
+    """Local engines step in a process of their own unless the config says otherwise; engines on
+    worker actors step on a thread here (the replica only coordinates them)."""
+    if config.workers.mode == "local" and config.workers.engine_process:
+        return EngineProcess(config.engine, config.torch_num_threads)
+    engine, decode = build_model_engine(config.engine, config.workers)
+    return LoopThread(engine, decode, owns_engine=True)
 
 
 def build_model_engine(engine_config: EngineConfig, workers: WorkersConfig
@@ -118,9 +123,7 @@ def build_model_engine(engine_config: EngineConfig, workers: WorkersConfig
             raise RuntimeError("workers.mode 'distributed' needs dspark_ray.serving.distributed, which does "
                                "not import here; use workers.mode 'local'") from error
         return build_distributed_engine(engine_config, workers.placement)
-    models = load_models(engine_config)
-    tokenizer = models.tokenizer
-    return build_engine(engine_config, models), lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return build_local_engine(engine_config)
 
 
 def shared_vocab_size(engine_config: EngineConfig) -> int:

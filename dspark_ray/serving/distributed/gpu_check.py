@@ -161,7 +161,7 @@ def serve(engine: DistributedEngine, decode, prompts: list[list[int]], max_token
     """Every prompt through the ModelServer, at most `concurrency` in flight; (tokens, stats) per prompt."""
 
     async def scenario():
-        server = ModelServer(engine, decode, "check")
+        server = ModelServer.on_thread(engine, decode)
         limit = asyncio.Semaphore(concurrency)
 
         async def one(index: int, prompt: list[int]):

@@ -63,7 +63,7 @@ def test_client_aborts_free_every_sequence(tp1) -> None:
     engine, decode, _ = tp1
 
     async def scenario() -> None:
-        server = ModelServer(engine, decode, "tiny")
+        server = ModelServer.on_thread(engine, decode)
         try:
             streams = [server.generate(CompletionRequest(f"r{i}", prompt, max_tokens=200))
                        for i, prompt in enumerate(PROMPTS)]
@@ -95,7 +95,7 @@ def test_killed_target_rank_fails_its_requests_and_the_replica_recovers(tp2, loc
         return [delta async for delta in server.generate(request)]
 
     async def scenario():
-        server = ModelServer(engine, decode, "tiny")
+        server = ModelServer.on_thread(engine, decode)
         try:
             tasks = [asyncio.create_task(collect(server, CompletionRequest(f"r{i}", prompt, max_tokens=200)))
                      for i, prompt in enumerate(PROMPTS)]

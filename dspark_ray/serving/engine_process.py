@@ -1,0 +1,159 @@
+"""The local engine in a process of its own, the way vLLM runs its engine core.
+
+A step of a small target on a CPU is mostly Python (many small ops, the MoE experts looped), and
+every torch op hands the GIL back and forth. Stepped on a thread of the model-server replica, the
+engine shared its GIL with the replica's event loop, which handles each delta a step emits (Ray
+Serve's streaming, serialization, gRPC), so on a machine with a spare core a step still ran
+slower than in a plain process. In a child process the engine's Python runs under a GIL of its
+own; the replica only forwards commands and deltas (`deploy/README.md` has the served c=1
+figures with and without it).
+
+The child is started with `python -m dspark_ray.serving.engine_process` (not multiprocessing's
+spawn, which would re-import the Ray worker's main module) and talks over two pipes:
+- commands in: first `(EngineConfig, torch threads)`, then `EngineLoop` commands;
+- events out: `("ready", context_limit)` or `("failed", traceback)` once, then
+  `("delta", ticket, delta)` and `("active", number of sequences)` when that number changes.
+It builds the engine from the config, runs `EngineLoop` on its main thread, and exits when the
+replica closes its end or dies.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from dspark_ray.config import EngineConfig
+from dspark_ray.serving.engine_loop import Command, EngineLoop, error_delta
+
+if TYPE_CHECKING:
+    from dspark_ray.engine.engine import SpeculativeEngine
+    from dspark_ray.serving.model_server import ModelServer
+
+SHUTDOWN_WAIT_S = 10.0
+
+
+class EngineProcess:
+    def __init__(self, engine_config: EngineConfig, num_threads: int) -> None:
+        self.engine_config = engine_config
+        self.num_threads = num_threads
+        self.context_limit = 0  # known once the child is ready
+        self._num_active = 0
+        self._send_lock = threading.Lock()
+        self._closing = False
+
+    def start(self, server: ModelServer) -> None:
+        """Start the child and wait until its engine is built; raises if it fails to build."""
+        self._server = server
+        child_commands, self._commands = Pipe(duplex=False)
+        self._events, child_events = Pipe(duplex=False)
+        fds = (child_commands.fileno(), child_events.fileno())
+        self._process = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds)
+        child_commands.close()  # the child holds these ends now: its exit shows here as end of file
+        child_events.close()
+        self._commands.send((self.engine_config, self.num_threads))
+        self.context_limit = self._wait_ready()
+        self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
+        self._reader.start()
+
+    def submit(self, command: Command) -> None:
+        try:
+            with self._send_lock:
+                self._commands.send(command)
+        except OSError:  # the child is gone; the reader fails what was open
+            kind, ticket, request = command
+            if kind == "add":
+                self._server.deliver(ticket, error_delta(request, "the engine process has exited"))
+
+    @property
+    def num_active(self) -> int:
+        return self._num_active
+
+    def is_alive(self) -> bool:
+        return self._process.poll() is None and self._reader.is_alive()
+
+    def shutdown(self) -> None:
+        self._closing = True
+        self._commands.close()  # the child exits at end of file
+        try:
+            self._process.wait(timeout=SHUTDOWN_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def _wait_ready(self) -> int:
+        try:
+            kind, detail = self._events.recv()
+        except EOFError:
+            raise RuntimeError(f"the engine process exited while starting (code {self._process.wait()})") from None
+        if kind == "failed":
+            self._process.wait()
+            raise RuntimeError(f"the engine process failed to start:\n{detail}")
+        return detail
+
+    def _read_events(self) -> None:
+        server = self._server
+        try:
+            while True:
+                kind, *detail = self._events.recv()
+                if kind == "delta":
+                    server.deliver(*detail)
+                else:
+                    self._num_active = detail[0]
+        except (EOFError, OSError):
+            pass
+        if not self._closing:
+            self._num_active = 0
+            server.fail_all(f"the engine process exited (code {self._process.wait()})")
+
+
+def build_local_engine(engine_config: EngineConfig) -> tuple[SpeculativeEngine, Callable[[list[int]], str]]:
+    """An engine in this process, and the decoder of its output tokens."""
+    from dspark_ray.engine.factory import build_engine, load_models
+
+    models = load_models(engine_config)
+    tokenizer = models.tokenizer
+    return build_engine(engine_config, models), lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def main(commands_fd: int, events_fd: int) -> int:
+    commands = Connection(commands_fd, writable=False)
+    events = Connection(events_fd, readable=False)
+    engine_config, num_threads = commands.recv()
+    try:
+        import torch
+
+        torch.set_num_threads(num_threads)
+        engine, decode = build_local_engine(engine_config)
+    except Exception:
+        events.send(("failed", traceback.format_exc()))
+        return 1
+    events.send(("ready", engine.stop_rules.context_limit))
+    reported = [0]
+
+    def report_active() -> None:
+        if loop.num_active != reported[0]:
+            reported[0] = loop.num_active
+            events.send(("active", reported[0]))
+
+    def send(ticket: int, delta) -> None:
+        report_active()  # a request's first delta never arrives before the count that holds it
+        events.send(("delta", ticket, delta))
+
+    loop = EngineLoop(engine, decode, send)
+
+    try:
+        loop.run(lambda timeout: commands.recv() if commands.poll(timeout) else None,
+                 keep_going=lambda: True, after_iteration=report_active)
+    except (EOFError, OSError):  # the replica closed its end, or died
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2])))
