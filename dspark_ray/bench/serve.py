@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,9 +229,11 @@ def read_prompts(path: Path | None) -> list[str]:
 
 
 class InProcessBaseline:
-    """The served c=1 level's requests, one at a time, through an engine in this process."""
+    """The served c=1 level's requests, one at a time, through an engine in this process (on the
+    served engine process's CPUs, when it has its own)."""
 
-    def __init__(self, engine_config, prompts: list[str], num_threads: int) -> None:
+    def __init__(self, engine_config, prompts: list[str], num_threads: int, cpus: tuple[int, ...] | None = None
+                 ) -> None:
         import torch
 
         from dspark_ray.engine.factory import build_engine, load_models
@@ -238,6 +242,7 @@ class InProcessBaseline:
         models = load_models(engine_config)
         self.engine = build_engine(engine_config, models)
         self.prompt_ids = [models.tokenizer.encode(prompt) for prompt in prompts]
+        self.cpus = cpus
 
     def run(self, num_requests: int, max_tokens: list[int], ignore_eos: bool) -> dict[str, Any]:
         from dspark_ray.engine.sequence import GenerationRequest
@@ -245,24 +250,39 @@ class InProcessBaseline:
         requests = [GenerationRequest(self.prompt_ids[index % len(self.prompt_ids)],
                                       max_tokens=max_tokens[index % len(max_tokens)], ignore_eos=ignore_eos)
                     for index in range(num_requests)]
-        self.engine.generate(requests[:1])  # warm-up, like the served levels
-        num_tokens, num_steps, num_accepted = 0, 0, 0
-        start = time.perf_counter()
-        for request in requests:
-            (seq,) = self.engine.generate([request])
-            num_tokens += len(seq.output_token_ids)
-            num_steps += seq.stats.num_steps
-            num_accepted += seq.stats.num_accepted_tokens
-        duration = time.perf_counter() - start
+        with cpu_affinity(self.cpus):
+            self.engine.generate(requests[:1])  # warm-up, like the served levels
+            num_tokens, num_steps, num_accepted = 0, 0, 0
+            start = time.perf_counter()
+            for request in requests:
+                (seq,) = self.engine.generate([request])
+                num_tokens += len(seq.output_token_ids)
+                num_steps += seq.stats.num_steps
+                num_accepted += seq.stats.num_accepted_tokens
+            duration = time.perf_counter() - start
         return {"concurrency": 1, "num_requests": num_requests, "duration_s": round(duration, 3),
                 "output_tokens_per_s": num_tokens / duration, "num_output_tokens": num_tokens,
                 "mean_acceptance_length": 1 + num_accepted / num_steps if num_steps else None}
 
 
+@contextlib.contextmanager
+def cpu_affinity(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """Run the calling thread on `cpus` for a while (None: where it runs now)."""
+    if cpus is None:
+        yield
+        return
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
 def served_vs_in_process(url: str, engine_config, prompts: list[str], args: argparse.Namespace,
                          repetitions: int = 3) -> dict[str, Any]:
     """Served c=1 and the in-process engine on the same requests, repetitions interleaved; medians."""
-    baseline = InProcessBaseline(engine_config, prompts, args.threads or 1)
+    baseline = InProcessBaseline(engine_config, prompts, args.threads or 1, args.engine_cpus)
     model = served_model(url)
     served, local = [], []
     lengths = request_lengths(args.max_tokens, args.max_tokens_range, args.num_requests)
@@ -271,13 +291,16 @@ def served_vs_in_process(url: str, engine_config, prompts: list[str], args: argp
                                             args.ignore_eos))["output_tokens_per_s"])
         local.append(baseline.run(args.num_requests, lengths, args.ignore_eos)["output_tokens_per_s"])
     return {"served_tokens_per_s": served, "in_process_tokens_per_s": local,
-            "ratio": statistics.median(served) / statistics.median(local)}
+            "ratio": statistics.median(served) / statistics.median(local),
+            "engine_cpus": list(args.engine_cpus) if args.engine_cpus is not None else None}
 
 
 def format_served_vs_in_process(result: dict[str, Any]) -> str:
     served, local = (statistics.median(result[key]) for key in ("served_tokens_per_s", "in_process_tokens_per_s"))
-    return (f"served c=1 {served:.1f} tok/s vs in-process engine {local:.1f} tok/s (same requests one at a time, "
-            f"medians of {len(result['served_tokens_per_s'])} interleaved runs): {result['ratio']:.2f}x")
+    cpus = result.get("engine_cpus")
+    where = f", both engines on CPUs {','.join(map(str, cpus))}" if cpus else ""
+    return (f"served c=1 {served:.1f} tok/s vs in-process engine {local:.1f} tok/s (same requests one at a time"
+            f"{where}, medians of {len(result['served_tokens_per_s'])} interleaved runs): {result['ratio']:.2f}x")
 
 
 def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: list[int]) -> dict[str, Any]:
@@ -295,7 +318,7 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
                 "torch_num_threads": args.threads or 1,
                 # both apps share one GPU (Ray hides GPUs from actors that reserve none)
                 "model_server_num_gpus": 0.5 if engine.device.startswith("cuda") else 0.0,
-                "workers": WorkersConfig(engine_process=args.engine_process)}
+                "workers": WorkersConfig(engine_process=args.engine_process, engine_cpus=args.engine_cpus)}
     port = free_port()
     config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
                          app=AppConfig(engine=engine, **capacity))

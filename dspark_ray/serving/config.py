@@ -49,6 +49,15 @@ class WorkersConfig(FrozenModel):
             "vLLM's engine core), instead of on a thread of the replica process."
         ),
     )
+    engine_cpus: tuple[int, ...] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Mode 'local' with engine_process: the CPU ids the engine process runs on (Linux CPU "
+            "affinity), e.g. to keep it off the cores of the HTTP proxy, the router and Ray's daemons, "
+            "as vLLM's CPU backend binds its threads. None: the replica's own CPUs."
+        ),
+    )
     placement: WorkerPlacement = Field(
         default_factory=WorkerPlacement,
         description="Worker actors of one model instance (mode 'distributed'): tp, resources per rank and "
@@ -59,6 +68,10 @@ class WorkersConfig(FrozenModel):
     def _check_mode(self) -> "WorkersConfig":
         if self.placement.tp > 1 and self.mode != "distributed":
             raise ValueError("placement.tp > 1 runs on worker actors: set workers.mode to 'distributed'")
+        if self.engine_cpus is not None and (self.mode != "local" or not self.engine_process):
+            raise ValueError("engine_cpus pins the engine process: it needs mode 'local' and engine_process true")
+        if self.engine_cpus is not None and min(self.engine_cpus) < 0:
+            raise ValueError("engine_cpus are CPU ids, 0 or more")
         return self
 
 

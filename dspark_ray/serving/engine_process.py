@@ -10,15 +10,16 @@ figures with and without it).
 
 The child is started with `python -m dspark_ray.serving.engine_process` (not multiprocessing's
 spawn, which would re-import the Ray worker's main module) and talks over two pipes:
-- commands in: first `(EngineConfig, torch threads)`, then `EngineLoop` commands;
+- commands in: first `(EngineConfig, torch threads, CPU ids or None)`, then `EngineLoop` commands;
 - events out: `("ready", context_limit)` or `("failed", traceback)` once, then
   `("delta", ticket, delta)` and `("active", number of sequences)` when that number changes.
-It builds the engine from the config, runs `EngineLoop` on its main thread, and exits when the
-replica closes its end or dies.
+It pins itself to the CPU ids when given, builds the engine from the config, runs `EngineLoop` on
+its main thread, and exits when the replica closes its end or dies.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -39,9 +40,10 @@ SHUTDOWN_WAIT_S = 10.0
 
 
 class EngineProcess:
-    def __init__(self, engine_config: EngineConfig, num_threads: int) -> None:
+    def __init__(self, engine_config: EngineConfig, num_threads: int, cpus: tuple[int, ...] | None = None) -> None:
         self.engine_config = engine_config
         self.num_threads = num_threads
+        self.cpus = cpus
         self.context_limit = 0  # known once the child is ready
         self._num_active = 0
         self._send_lock = threading.Lock()
@@ -56,7 +58,7 @@ class EngineProcess:
         self._process = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds)
         child_commands.close()  # the child holds these ends now: its exit shows here as end of file
         child_events.close()
-        self._commands.send((self.engine_config, self.num_threads))
+        self._commands.send((self.engine_config, self.num_threads, self.cpus))
         self.context_limit = self._wait_ready()
         self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
         self._reader.start()
@@ -124,9 +126,12 @@ def build_local_engine(engine_config: EngineConfig) -> tuple[SpeculativeEngine, 
 def main(commands_fd: int, events_fd: int) -> int:
     commands = Connection(commands_fd, writable=False)
     events = Connection(events_fd, readable=False)
-    engine_config, num_threads = commands.recv()
+    engine_config, num_threads, cpus = commands.recv()
     try:
         import torch
+
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
 
         torch.set_num_threads(num_threads)
         engine, decode = build_local_engine(engine_config)

@@ -83,6 +83,16 @@ def add_engine_process_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                         help="step a local engine in a child process of the model-server replica, with a GIL of "
                              "its own (default on; off: on a thread of the replica)")
+    parser.add_argument("--engine-cpus", type=cpu_ids, default=None, metavar="IDS",
+                        help="comma-separated CPU ids the engine process runs on (Linux), e.g. to give it cores "
+                             "of its own (default: the replica's)")
+
+
+def cpu_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated CPU ids, got {text!r}") from None
 
 
 def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -91,7 +101,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
     else:
         overrides = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
         workers = WorkersConfig(mode="distributed" if args.tp > 1 else "local", placement=WorkerPlacement(tp=args.tp),
-                                engine_process=args.engine_process)
+                                engine_process=args.engine_process, engine_cpus=args.engine_cpus)
         engine = engine_config_from_args(args, **overrides)
         # Ray hides GPUs from actors that reserve none: a local-mode replica on CUDA reserves one.
         num_gpus = 1.0 if engine.device.startswith("cuda") and workers.mode == "local" else 0.0

@@ -109,7 +109,7 @@ def engine_runner(config: AppConfig) -> EngineRunner:
     """Local engines step in a process of their own unless the config says otherwise; engines on
     worker actors step on a thread here (the replica only coordinates them)."""
     if config.workers.mode == "local" and config.workers.engine_process:
-        return EngineProcess(config.engine, config.torch_num_threads)
+        return EngineProcess(config.engine, config.torch_num_threads, config.workers.engine_cpus)
     engine, decode = build_model_engine(config.engine, config.workers)
     return LoopThread(engine, decode, owns_engine=True)
 

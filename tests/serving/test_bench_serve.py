@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 
 import pytest
 
-import asyncio
-
-from dspark_ray.bench.serve import (RequestResult, bench, check_local, compare, level_report, median_levels,
-                                    request_lengths, run_level)
+from dspark_ray.bench.serve import (RequestResult, bench, check_local, compare, cpu_affinity, level_report,
+                                    median_levels, request_lengths, run_level)
 from dspark_ray.cli import main
 
 
@@ -99,3 +99,13 @@ def test_repetitions_report_the_median_run_of_each_level() -> None:
     assert merged["label"] == "speculative"
     assert [level["run"] for level in merged["levels"]] == [20, 200]  # each level's own median run
     assert merged["levels"][1]["output_tokens_per_s_runs"] == [300, 100, 200]
+
+
+def test_cpu_affinity_pins_the_calling_thread_for_a_while() -> None:
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    with cpu_affinity((cpu,)):
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == before
+    with cpu_affinity(None):
+        assert os.sched_getaffinity(0) == before

@@ -80,6 +80,10 @@ def test_unknown_app_args_are_rejected() -> None:
     {"workers": {"mode": "distributed", "placement": {"tp_size": 2}}},
     {"tenants": [{"name": "a", "api_key": "same-key-1"}, {"name": "b", "api_key": "same-key-1"}]},
     {"over_capacity_status": 500},
+    {"workers": {"engine_cpus": []}},
+    {"workers": {"engine_cpus": [-1]}},
+    {"workers": {"engine_process": False, "engine_cpus": [0]}},  # only an engine process is pinned
+    {"workers": {"mode": "distributed", "engine_cpus": [0]}},
 ])
 def test_invalid_app_configs(args: dict) -> None:
     with pytest.raises(ValidationError):
@@ -141,3 +145,16 @@ def test_high_throughput_flag() -> None:
 def test_serve_config_file_with_port_override() -> None:
     config = serve_config_from_args(_serve_args("--config", str(DEPLOY / "serve_config.yaml"), "--port", "8200"))
     assert config.http_port == 8200 and config.app.model_name == "dspark-reference"
+
+
+def test_engine_process_flags() -> None:
+    workers = serve_config_from_args(_serve_args()).app.workers
+    assert workers.engine_process is True and workers.engine_cpus is None
+    workers = serve_config_from_args(_serve_args("--no-engine-process")).app.workers
+    assert workers.engine_process is False
+    workers = serve_config_from_args(_serve_args("--engine-cpus", "0,3")).app.workers
+    assert workers.engine_cpus == (0, 3)
+    bench = build_parser().parse_args(["bench", "serve", "--launch", "--engine-cpus", "1"])
+    assert bench.engine_cpus == (1,) and bench.engine_process is True
+    with pytest.raises(SystemExit):
+        _serve_args("--engine-cpus", "first")

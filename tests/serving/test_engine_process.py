@@ -1,7 +1,7 @@
 """The local engine in a process of its own (`EngineProcess`), behind the same `ModelServer` front
 as the engine on a thread: the same tokens, aborts free the child's sequences, a child that dies
 fails its open requests and shows as not alive, a child that cannot build its engine fails the
-start with its traceback, and shutting down ends the child."""
+start with its traceback, shutting down ends the child, and the child runs on the CPUs it is given."""
 
 from __future__ import annotations
 
@@ -108,3 +108,23 @@ def test_shutdown_ends_the_child(engine_config) -> None:
     server.shutdown()
     assert process.poll() == 0
     assert not server.is_alive()
+
+
+def test_the_child_runs_on_the_cpus_it_is_given(engine_config, target_only) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    server = ModelServer(EngineProcess(engine_config, num_threads=1, cpus=(cpu,)))
+
+    async def scenario():
+        return await _tokens(server, _request(target_only, 0, PROMPTS[0]))
+
+    try:
+        assert os.sched_getaffinity(server.runner._process.pid) == {cpu}
+        assert asyncio.run(scenario()) == target_only.generate(target_only.encode(PROMPTS[0]), MAX_TOKENS)
+    finally:
+        server.shutdown()
+
+
+def test_cpus_the_machine_lacks_fail_the_start(engine_config) -> None:
+    with pytest.raises(RuntimeError, match="engine process failed to start") as raised:
+        ModelServer(EngineProcess(engine_config, num_threads=1, cpus=(100_000,)))
+    assert "Invalid argument" in str(raised.value)
