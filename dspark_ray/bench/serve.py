@@ -4,8 +4,9 @@ Each level keeps `concurrency` streaming completions in flight until `num_reques
 and reports request throughput, output tokens/s, TTFT, TPOT (per request: time after the first
 token / tokens after the first), ITL (per token: a chunk of n tokens counts n gaps of 1/n of its
 wait), the acceptance length from the `dspark` vendor field, and errors. `--launch` starts a
-local Ray Serve with two applications on the same models, speculative and target-only (drafter
-none), benchmarks both and prints them side by side; `--compare A.json B.json` does the same for
+local Ray Serve with two applications on the same models, speculative and a baseline (target-only,
+drafter none; or with `--baseline engine-thread` the same engine stepped on a thread of its
+replica), benchmarks both and prints them side by side; `--compare A.json B.json` does the same for
 two earlier runs. Requests go to 127.0.0.1 only: this is a load generator for your own server.
 """
 
@@ -303,8 +304,18 @@ def format_served_vs_in_process(result: dict[str, Any]) -> str:
             f"{where}, medians of {len(result['served_tokens_per_s'])} interleaved runs): {result['ratio']:.2f}x")
 
 
+def baseline_app(kind: str, speculative):
+    """The app the speculative one is compared with, and its name: the target alone
+    ('target-only'), or the same engine stepped on a thread of its replica ('engine-thread')."""
+    if kind == "engine-thread":
+        workers = speculative.workers.model_copy(update={"engine_process": False, "engine_cpus": None})
+        return "engine_thread", speculative.model_copy(update={"workers": workers})
+    return "target_only", speculative.model_copy(update={"engine": speculative.engine.model_copy(
+        update={"drafter": "none"})})
+
+
 def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: list[int]) -> dict[str, Any]:
-    """Serve speculative and target-only apps side by side on one local Serve; bench one after the other."""
+    """Serve the speculative app and a baseline side by side on one local Serve; bench one after the other."""
     from ray import serve
 
     from dspark_ray.generate_cli import engine_config_from_args
@@ -313,7 +324,6 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     from dspark_ray.serving.config import AppConfig, ServeConfig, WorkersConfig
 
     engine = engine_config_from_args(args, max_batch_size=max(levels))
-    target_only = engine.model_copy(update={"drafter": "none"})
     capacity = {"max_ongoing_requests": max(levels), "max_queued_requests": max(levels),
                 "torch_num_threads": args.threads or 1,
                 # both apps share one GPU (Ray hides GPUs from actors that reserve none)
@@ -322,19 +332,20 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     port = free_port()
     config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
                          app=AppConfig(engine=engine, **capacity))
+    baseline_name, baseline = baseline_app(args.baseline, config.app)
     # Both apps stay resident (one idles while the other is measured): give Ray logical CPUs for both.
     serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1), args.high_throughput,
                     args.haproxy)
     try:
-        serve.run(build_app(AppConfig(engine=target_only, **capacity)), name="target_only",
-                  route_prefix="/target_only")
-        repetitions: dict[str, list] = {"target_only": [], "speculative": []}
+        serve.run(build_app(baseline), name=baseline_name, route_prefix=f"/{baseline_name}")
+        repetitions: dict[str, list] = {baseline_name: [], "speculative": []}
         for _ in range(args.repetitions):  # interleaved: drift on a shared machine hits both apps alike
             for name, reports in repetitions.items():
                 reports.append(bench(f"http://127.0.0.1:{port}/{name}/v1", prompts, levels, args.num_requests,
                                      args.max_tokens, args.temperature, args.ignore_eos, label=name,
                                      max_tokens_range=args.max_tokens_range))
         runs: dict[str, Any] = {name: median_levels(reports) for name, reports in repetitions.items()}
+        runs["baseline"] = baseline_name
         if args.temperature == 0 and 1 in levels:  # greedy: both sides decode the same tokens
             runs["served_vs_in_process"] = served_vs_in_process(f"http://127.0.0.1:{port}/speculative/v1", engine,
                                                                 prompts, args)
@@ -372,6 +383,9 @@ def add_parser(subparsers) -> None:
                         help="print two earlier results side by side (ratios B / A) and exit")
     parser.add_argument("--launch", action="store_true",
                         help="start a local Ray Serve with speculative and target-only apps and compare them")
+    parser.add_argument("--baseline", choices=["target-only", "engine-thread"], default="target-only",
+                        help="--launch: the app the speculative one is compared with: the target alone, or the "
+                             "same engine stepped on a thread of its replica instead of in a process of its own")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (--launch)")
     parser.add_argument("--repetitions", type=int, default=1,
                         help="--launch: interleaved runs of both apps; each level reports the median run")
@@ -395,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts)
         if args.launch:
             result = launch_and_compare(args, prompts, levels)
-            table = compare(result["target_only"], result["speculative"])
+            table = compare(result[result["baseline"]], result["speculative"])
             if "served_vs_in_process" in result:
                 table += "\n" + format_served_vs_in_process(result["served_vs_in_process"])
         else:

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from dspark_ray.bench.serve import (RequestResult, bench, check_local, compare, cpu_affinity, level_report,
-                                    median_levels, request_lengths, run_level)
+from dspark_ray.bench.serve import (RequestResult, baseline_app, bench, check_local, compare, cpu_affinity,
+                                    level_report, median_levels, request_lengths, run_level)
 from dspark_ray.cli import main
 
 
@@ -109,3 +109,17 @@ def test_cpu_affinity_pins_the_calling_thread_for_a_while() -> None:
     assert os.sched_getaffinity(0) == before
     with cpu_affinity(None):
         assert os.sched_getaffinity(0) == before
+
+
+def test_launch_baselines() -> None:
+    from dspark_ray.serving.config import AppConfig
+
+    speculative = AppConfig.model_validate({"engine": {"drafter": "dspark"}, "workers": {"engine_cpus": [0]},
+                                            "max_ongoing_requests": 16})
+    name, target_only = baseline_app("target-only", speculative)
+    assert name == "target_only" and target_only.engine.drafter == "none"
+    assert target_only.workers == speculative.workers and target_only.max_ongoing_requests == 16
+    name, thread = baseline_app("engine-thread", speculative)
+    assert name == "engine_thread" and thread.engine == speculative.engine
+    assert thread.workers.engine_process is False and thread.workers.engine_cpus is None
+    assert speculative.workers.engine_process is True  # the speculative app itself is untouched
