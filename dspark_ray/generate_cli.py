@@ -16,7 +16,7 @@ from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str = "torch's choice") -> None:
     """Flags shared by every command that builds an engine."""
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target model directory (HF format)")
     parser.add_argument("--draft", type=Path, default=None,
@@ -39,7 +39,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "at the full or half draft length, whichever is faster")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default: {threads_default})")
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConfig:

@@ -140,7 +140,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--prompts", type=Path, default=None, help='JSONL, one {"prompt": "..."} per line')
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, threads_default="1 per worker")
     parser.set_defaults(func=run)
 
 

@@ -391,7 +391,7 @@ def add_parser(subparsers) -> None:
                         help="--launch: interleaved runs of both apps; each level reports the median run")
     add_high_throughput_argument(parser)
     add_engine_process_argument(parser)
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, threads_default="1 per engine")
     parser.set_defaults(func=run)
 
 

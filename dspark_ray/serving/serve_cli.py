@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--config", type=Path, default=None,
                         help="Ray Serve config file with a dspark_ray.serving.app:build_app application; "
                              "it replaces the model flags (--host/--port/--grpc-port still override)")
-    add_engine_arguments(parser)
+    add_engine_arguments(parser, threads_default="1 per engine")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel target ranks (runs on worker actors)")
     parser.add_argument("--model-name", default=AppConfig.model_fields["model_name"].default,
                         help="model name clients send")

@@ -148,8 +148,10 @@ def test_serve_config_file_with_port_override() -> None:
 
 
 def test_engine_process_flags() -> None:
-    workers = serve_config_from_args(_serve_args()).app.workers
-    assert workers.engine_process is True and workers.engine_cpus is None
+    app = serve_config_from_args(_serve_args()).app
+    assert app.workers.engine_process is True and app.workers.engine_cpus is None
+    assert app.torch_num_threads == 1  # as `--threads` says: 1 per engine unless set
+    assert serve_config_from_args(_serve_args("--threads", "2")).app.torch_num_threads == 2
     workers = serve_config_from_args(_serve_args("--no-engine-process")).app.workers
     assert workers.engine_process is False
     workers = serve_config_from_args(_serve_args("--engine-cpus", "0,3")).app.workers
