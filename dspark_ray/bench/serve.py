@@ -24,12 +24,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from dspark_ray.bench.repetitions import median_run
 from dspark_ray.config import REFERENCE_DIR
 from dspark_ray.serving.ports import free_port
+
+if TYPE_CHECKING:  # the serving stack loads only with --launch
+    from dspark_ray.serving.config import AppConfig
 
 DEFAULT_PROMPTS = REFERENCE_DIR / "prompts" / "heldout.jsonl"
 FALLBACK_PROMPTS = ["def fibonacci(n):", "class Stack:\n    def __init__(self):", "import os\n\ndef list_files(path):",
@@ -304,7 +307,7 @@ def format_served_vs_in_process(result: dict[str, Any]) -> str:
             f"{where}, medians of {len(result['served_tokens_per_s'])} interleaved runs): {result['ratio']:.2f}x")
 
 
-def baseline_app(kind: str, speculative):
+def baseline_app(kind: str, speculative: AppConfig) -> tuple[str, AppConfig]:
     """The app the speculative one is compared with, and its name: the target alone
     ('target-only'), or the same engine stepped on a thread of its replica ('engine-thread')."""
     if kind == "engine-thread":

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from dspark_ray.config import EngineConfig
 from dspark_ray.serving.engine_loop import Command, EngineLoop, error_delta
+from dspark_ray.serving.protocol import CompletionDelta
 
 if TYPE_CHECKING:
     from dspark_ray.engine.engine import SpeculativeEngine
@@ -139,14 +140,15 @@ def main(commands_fd: int, events_fd: int) -> int:
         events.send(("failed", traceback.format_exc()))
         return 1
     events.send(("ready", engine.stop_rules.context_limit))
-    reported = [0]
+    reported = 0
 
     def report_active() -> None:
-        if loop.num_active != reported[0]:
-            reported[0] = loop.num_active
-            events.send(("active", reported[0]))
+        nonlocal reported
+        if loop.num_active != reported:
+            reported = loop.num_active
+            events.send(("active", reported))
 
-    def send(ticket: int, delta) -> None:
+    def send(ticket: int, delta: CompletionDelta) -> None:
         report_active()  # a request's first delta never arrives before the count that holds it
         events.send(("delta", ticket, delta))
 
