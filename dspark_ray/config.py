@@ -81,6 +81,15 @@ class EngineConfig(FrozenModel):
         ),
     )
 
+    packed_forwards: bool = Field(
+        True,
+        description=(
+            "Feed the target's ragged forwards (drafts of different lengths, prompts of different lengths) "
+            "packed: only real tokens go through its linear layers and experts, attention keeps the padded "
+            "per-sequence layout. Needs sdpa attention (others run padded). Off: pad every row to the longest."
+        ),
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _default_dspark_dir(cls, fields):

@@ -37,6 +37,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str =
                         default=EngineConfig.model_fields["load_aware_drafting"].default,
                         help="per batch size, draft greedy sequences only where timing shows drafting pays, "
                              "at the full or half draft length, whichever is faster")
+    parser.add_argument("--packed-forwards", action=argparse.BooleanOptionalAction,
+                        default=EngineConfig.model_fields["packed_forwards"].default,
+                        help="feed the target's ragged forwards without padding (only real tokens reach its "
+                             "linear layers and experts)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default: {threads_default})")
@@ -47,7 +51,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
                   num_speculative_tokens=args.num_speculative_tokens,
                   adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device,
                   verification_schedule=args.verification_schedule, sps_profile=args.sps_profile,
-                  load_aware_drafting=args.load_aware_drafting)
+                  load_aware_drafting=args.load_aware_drafting, packed_forwards=args.packed_forwards)
     if args.draft is not None:  # else EngineConfig's default for the drafter kind
         fields["draft"] = args.draft
     return EngineConfig(**{**fields, **overrides})

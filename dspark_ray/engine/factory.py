@@ -46,7 +46,8 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
     stop_rules = StopRules(eos_token_ids(models), context_limit(models.target),
                            lambda ids: models.tokenizer.decode(ids, skip_special_tokens=True))
     return SpeculativeEngine(
-        TargetVerifier(CausalLMRunner(models.target, pad_token_id, capture_layers(config, models))),
+        TargetVerifier(CausalLMRunner(models.target, pad_token_id, capture_layers(config, models),
+                                      config.packed_forwards)),
         schedule_verification(config, build_drafter(config, models, pad_token_id)),
         stop_rules,
         config.num_speculative_tokens,

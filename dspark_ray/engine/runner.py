@@ -12,16 +12,17 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from dspark_ray.engine.feature_capture import LayerCapture
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import context_limit
+from dspark_ray.engine.packed_forward import Packing, PackedDynamicCache, enable_packing, packed
 
 
 class CausalLMRunner:
     def __init__(self, model: PreTrainedModel, pad_token_id: int = 0,
-                 capture_layers: list[int] | None = None) -> None:
+                 capture_layers: list[int] | None = None, packed_forwards: bool = True) -> None:
         self.model = model
         self.capture = LayerCapture(model, capture_layers) if capture_layers else None
         self.last_features: torch.Tensor | None = None  # [N, T, L*H] of the last forward, if capturing
@@ -30,11 +31,12 @@ class CausalLMRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.cache_keyword = cache_keyword(model)
+        self.packs = packed_forwards and enable_packing(model)  # ragged forwards run packed (engine.packed_forward)
         self.seq_ids: list[int] = []
         self.cache = self._new_cache(0)
 
     def _new_cache(self, num_rows: int) -> BatchKVCache:
-        return BatchKVCache(DynamicCache(config=self.model.config), num_rows)
+        return BatchKVCache(PackedDynamicCache(config=self.model.config), num_rows)
 
     def add(self, token_lists: Mapping[int, list[int]]) -> torch.Tensor:
         """Prefill new sequences; returns logits after each one's last token. # [N, V]"""
@@ -103,18 +105,35 @@ class CausalLMRunner:
     @torch.no_grad()
     def _forward(self, cache: BatchKVCache, token_lists: list[list[int]]) -> torch.Tensor:
         inputs = cache.prepare(token_lists, self.pad_token_id, self.dtype, self.max_position)
-        with self.capture.recording() if self.capture is not None else nullcontext():
+        packing = self._packing(inputs.query_valid)
+        input_ids, position_ids = inputs.input_ids.to(self.device), inputs.position_ids.to(self.device)
+        if packing is not None:
+            input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids)
+        with self.capture.recording() if self.capture is not None else nullcontext(), \
+                packed(packing) if packing is not None else nullcontext():
             output = self.model(
-                input_ids=inputs.input_ids.to(self.device),
-                position_ids=inputs.position_ids.to(self.device),
+                input_ids=input_ids,
+                position_ids=position_ids,
                 attention_mask=inputs.attention_mask.to(self.device),
                 use_cache=True,
                 **{self.cache_keyword: cache.hf_cache},
             )
         cache.commit(token_lists, inputs)
+        logits = output.logits.float()
         if self.capture is not None:
             self.last_features = self.capture.take()
-        return output.logits.float()
+        if packing is not None:
+            logits = packing.unpack(logits)
+            if self.capture is not None:
+                self.last_features = packing.unpack(self.last_features)
+        return logits
+
+    def _packing(self, query_valid: torch.Tensor) -> Packing | None:
+        """Pack a ragged forward; one without padding (or without any token: a forward that only
+        reads the logits after a pad) runs as it is."""
+        if not self.packs or bool(query_valid.all()) or not bool(query_valid.any()):
+            return None
+        return Packing.of(query_valid, self.device)
 
 
 def cache_keyword(model: PreTrainedModel) -> str:

@@ -425,18 +425,18 @@ def test_a_forward_runs_over_the_named_rows_only(tiny, arch, monkeypatch):
     model = tiny(arch).target
     runner = filled_runner(model)
     keys_before, values_before, valid_before, _ = cache_snapshot(runner)
-    batch_sizes = []
+    tokens_fed = []
     model_forward = type(model).forward
 
     def spied(self, *args, **kwargs):
-        batch_sizes.append(kwargs["input_ids"].shape[0])  # the runner passes keywords
+        tokens_fed.append(kwargs["input_ids"].numel())  # the runner passes keywords
         return model_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "forward", spied)
     logits = runner.forward({2: [41, 42], 0: [19]})  # named out of row order
     monkeypatch.undo()
 
-    assert batch_sizes == [2]  # row 1 was not padded into the forward
+    assert runner.packs and tokens_fed == [3]  # row 1 was not padded in, nor row 0 padded to two tokens
     torch.testing.assert_close(logits[0, 1], fresh_next_logits(model, SEQS[2] + [40, 41, 42]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1, 0], fresh_next_logits(model, SEQS[0] + [16, 17, 18, 19]),
                                atol=1e-4, rtol=1e-4)

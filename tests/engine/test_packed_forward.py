@@ -1,0 +1,115 @@
+"""Packed forwards (engine.packed_forward): a ragged batch's real tokens go through the model as one
+row, and logits, captured features and the KV cache come out as the padded forward leaves them."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from dspark_ray.engine.factory import build_engine, load_models
+from dspark_ray.engine.loading import load_causal_lm
+from dspark_ray.engine.packed_forward import PACKED_ATTENTION, Packing, enable_packing
+from dspark_ray.engine.runner import CausalLMRunner
+from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
+from tiny_models import ARCHITECTURES
+
+PROMPTS = {0: [11, 12, 13, 14, 15], 1: [21], 2: [31, 32, 33, 34, 35, 36, 37, 38, 39]}
+FEED = {0: [16, 17, 18], 1: [22], 2: [40, 41, 42, 43, 44, 45]}  # ragged: 3, 1 and 6 tokens
+
+
+def test_pack_and_unpack_round_trip():
+    query_valid = torch.tensor([[True, True, False], [True, False, False], [True, True, True]])
+    padded = torch.arange(9 * 2, dtype=torch.float32).reshape(3, 3, 2)
+    packing = Packing.of(query_valid, torch.device("cpu"))
+
+    packed = packing.pack(padded)
+
+    assert packed.shape == (1, 6, 2)
+    assert torch.equal(packed[0], padded[query_valid])  # row-major order of the real tokens
+    unpacked = packing.unpack(packed)
+    assert torch.equal(unpacked[query_valid], padded[query_valid])
+    assert not unpacked[~query_valid].any()  # zeros at padding
+    heads = torch.stack([packed[0] + 100 * head for head in range(4)])[None]  # [1, H=4, N, D]
+    unpacked_heads = packing.unpack_heads(heads)  # [B, H, T, D]
+    assert unpacked_heads.shape == (3, 4, 3, 2)
+    for head in range(4):
+        assert torch.equal(unpacked_heads[:, head][query_valid], padded[query_valid] + 100 * head)
+
+
+def run_ragged(model, packs: bool, capture_layers: list[int] | None = None):
+    runner = CausalLMRunner(model, 0, capture_layers)
+    runner.packs = packs and runner.packs
+    fed = []
+    forward = model.forward
+
+    def spied(*args, **kwargs):
+        fed.append(kwargs["input_ids"].numel())
+        return forward(*args, **kwargs)
+
+    model.forward = spied
+    try:
+        prefill_logits = runner.add(PROMPTS)
+        logits = runner.forward(FEED)
+    finally:
+        del model.forward
+    return runner, fed, prefill_logits, logits
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_packed_forward_equals_the_padded_one(tiny, arch):
+    model = tiny(arch).target
+    padded, padded_fed, padded_prefill, padded_logits = run_ragged(model, packs=False, capture_layers=[0, 1])
+    packed, packed_fed, packed_prefill, packed_logits = run_ragged(model, packs=True, capture_layers=[0, 1])
+
+    assert packed.packs and model.config._attn_implementation == PACKED_ATTENTION
+    assert padded_fed == [3 * 9, 3 * 6] and packed_fed == [15, 10]  # only the real tokens are fed
+    torch.testing.assert_close(packed_prefill, padded_prefill, atol=1e-5, rtol=1e-5)
+    valid = torch.zeros(3, 6, dtype=torch.bool)
+    for row, tokens in enumerate(FEED.values()):
+        valid[row, : len(tokens)] = True
+    torch.testing.assert_close(packed_logits[valid], padded_logits[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.last_features[valid], padded.last_features[valid], atol=1e-5, rtol=1e-5)
+    assert torch.equal(packed.cache.slot_valid, padded.cache.slot_valid)  # the same layout
+    for mine, theirs in zip(packed.cache._layers(), padded.cache._layers()):
+        slots = packed.cache.slot_valid  # [B, S]: compare the KV of cached tokens (padding may differ)
+        torch.testing.assert_close(mine.keys.transpose(1, 2)[slots], theirs.keys.transpose(1, 2)[slots],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values.transpose(1, 2)[slots], theirs.values.transpose(1, 2)[slots],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_packing_the_attention_is_plain_sdpa(tiny):
+    model = tiny("llama").target
+    tokens = torch.tensor([[11, 12, 13, 14]])
+    enable_packing(model)
+    packed_model = model(input_ids=tokens).logits
+    model.set_attn_implementation("sdpa")
+    try:
+        torch.testing.assert_close(packed_model, model(input_ids=tokens).logits, atol=0, rtol=0)
+    finally:
+        enable_packing(model)
+
+
+def test_a_model_without_sdpa_keeps_padded_forwards(tiny):
+    model = load_causal_lm(tiny("llama").target_dir)
+    model.set_attn_implementation("eager")
+
+    runner = CausalLMRunner(model, 0)
+
+    assert not runner.packs and model.config._attn_implementation == "eager"
+    runner.add(PROMPTS)
+    assert runner.forward(FEED).shape[:2] == (3, 6)
+
+
+def test_the_flag_and_the_config_turn_packing_off(tiny):
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    assert engine_config_from_args(parser.parse_args([])).packed_forwards is True
+    config = engine_config_from_args(parser.parse_args(["--no-packed-forwards", "--drafter", "none"]))
+    assert config.packed_forwards is False
+
+    engine = build_engine(config, load_models(config))
+
+    assert not engine.verifier.runner.packs
