@@ -24,10 +24,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[..., T, H, D]`, cos/sin `[..., T, D]` (rotate-half convention)."""
+    """x `[..., T, H, D]`, cos/sin `[..., T, D]` (rotate-half convention); the result has x's dtype
+    (the float32 tables would otherwise promote a bfloat16 drafter's states to float32)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[..., None, :] + rotated * sin[..., None, :]
+    return (x * cos[..., None, :] + rotated * sin[..., None, :]).to(x.dtype)
 
 
 class BackboneLayer(nn.Module):
