@@ -9,7 +9,7 @@
 #    (`python -m dspark_ray.serving.distributed.gpu_check`).
 #
 # Figures and logs land in OUT_DIR. DEVICE=cpu DTYPE=float32 runs the same steps on a CPU (a smoke
-# test of this script); NUM_PROMPTS and MAX_TOKENS size the runs.
+# test of this script; DTYPE=bfloat16 smoke-tests the bf16 paths); NUM_PROMPTS and MAX_TOKENS size the runs.
 set -uo pipefail
 out=${1:?usage: deploy/gpu_check.sh OUT_DIR}
 device=${DEVICE:-cuda}
@@ -30,7 +30,7 @@ python3 -m dspark_ray.bench.offline --device "$device" --dtype "$dtype" --num-pr
 if python3 -c "import ray" 2>/dev/null; then
   cpu_flag=$([ "$device" = cpu ] && echo --cpu)
   for drafter in model dspark; do
-    python3 -m dspark_ray.serving.distributed.gpu_check $cpu_flag --drafter "$drafter" --concurrency 1,16 \
+    python3 -m dspark_ray.serving.distributed.gpu_check $cpu_flag --dtype "$dtype" --drafter "$drafter" --concurrency 1,16 \
       --num-prompts "$((2 * num_prompts))" --max-tokens "$max_tokens" --json "$out/distributed_$drafter.json" \
       2>&1 | tee "$out/distributed_$drafter.log" || status=1
   done

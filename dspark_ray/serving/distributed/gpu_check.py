@@ -50,6 +50,8 @@ class Run:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="fp32 on CPU with gloo (a smoke test of the same path)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="weights and activations (default: bfloat16 on CUDA, float32 with --cpu)")
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR)
     parser.add_argument("--drafter", choices=["model", "dspark"], default="model",
                         help="drafter of the speculative engine")
@@ -75,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(include_dashboard=False, **({} if on_gpu else {"num_gpus": 0}))
     draft = args.draft or (DEFAULT_DSPARK_DIR if args.drafter == "dspark" else DEFAULT_DRAFT_DIR)
     common = dict(target=args.target, draft=draft, num_speculative_tokens=args.num_speculative_tokens,
-                  dtype="bfloat16" if on_gpu else "float32", device="cuda" if on_gpu else "cpu", max_batch_size=64)
+                  dtype=args.dtype or ("bfloat16" if on_gpu else "float32"), device="cuda" if on_gpu else "cpu",
+                  max_batch_size=64)
     placement = gpu_placement(args.tp) if on_gpu else WorkerPlacement(tp=args.tp)
     tokenizer = load_tokenizer(args.target)
     prompts = [tokenizer.encode(json.loads(line)["prompt"]) for line in args.prompts.read_text().splitlines()
                if line.strip()][: args.num_prompts]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    print(f"device {'cuda' if on_gpu else 'cpu'}, {placement.resolved_backend}, tp {args.tp}, drafter {args.drafter}, "
+    print(f"device {common['device']} {common['dtype']}, {placement.resolved_backend}, tp {args.tp}, drafter {args.drafter}, "
           f"{len(prompts)} prompts x {args.max_tokens} tokens, concurrency {concurrencies}", flush=True)
 
     engines = {}

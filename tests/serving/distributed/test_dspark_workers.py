@@ -192,3 +192,19 @@ def test_features_of_steps_without_drafts_reach_the_worker(distributed, prompts,
                                                                   greedy(prompts))
     accepted, local_accepted = (sum(s.stats.num_accepted_tokens for s in run) for run in (seqs, in_process))
     assert accepted > 0 and abs(accepted - local_accepted) <= 0.2 * local_accepted
+
+
+def test_bfloat16_workers_draft_and_match_the_in_process_engine(engines_for, prompts) -> None:
+    """bf16 (the GPU dtype) on CPU workers: the draft worker's DSpark drafter and the target worker
+    run in bf16 and, stepping unpipelined (the in-process engine's batches, so the same bf16
+    forwards), give the in-process bf16 engine's tokens, with drafts accepted. deploy/gpu_check.sh
+    runs this path on the GPU."""
+    config = dspark_config(1).model_copy(update={"dtype": "bfloat16", "verification_schedule": "fixed"})
+    engine, _ = engines_for(config, tp=1)
+    engine.pipelining = "off"
+
+    seqs = engine.generate(greedy(prompts))
+
+    in_process = build_engine(config, load_models(config)).generate(greedy(prompts))
+    assert [seq.output_token_ids for seq in seqs] == [seq.output_token_ids for seq in in_process]
+    assert sum(seq.stats.num_accepted_tokens for seq in seqs) > sum(seq.stats.num_steps for seq in seqs)
