@@ -1,9 +1,10 @@
 """Tensor parallelism for the target: the process group, sharded loading, per-rank parameter bytes.
 
 Sharding follows gpt-fast: the model is built first and sharded afterwards, so model code never
-mentions TP. `tp_sharding="auto"` uses transformers' own plan (`distributed_config`) where the
-architecture has one (Llama, Qwen3-MoE, DeepSeek-V3, ...: attention heads and MLP / expert
-intermediate dimensions split across ranks); `"manual"` (and any model without a plan) uses this
+mentions TP. `tp_sharding="auto"` uses transformers' own plans (`distributed_config`) where the
+architecture has one (Llama, Qwen3-MoE, DeepSeek-V3, ...: attention heads and MLP intermediate
+dimensions split across ranks, routed experts split by the expert-parallel plan where the model
+has one); `"manual"` (and any model without a plan) uses this
 module's sharding: every MLP (gate/up column-wise, down row-wise) and every fused expert bank
 (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) split along the intermediate dimension, with an
 all-reduce after each, attention replicated.
@@ -13,6 +14,7 @@ It knows nothing about sequences, gRPC or Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,14 +75,24 @@ def load_target_shard(config: EngineConfig, world_size: int, sharding: Sharding)
         return load_causal_lm(config.target, config.dtype, config.device)
     model_config = AutoConfig.from_pretrained(config.target, local_files_only=True)
     if sharding == "auto" and getattr(model_config, "base_model_tp_plan", None):
-        from transformers.distributed import DistributedConfig
-
         model = AutoModelForCausalLM.from_pretrained(config.target, dtype=DTYPES[config.dtype], local_files_only=True,
-                                                     distributed_config=DistributedConfig(tp_size=world_size))
+                                                     distributed_config=auto_distributed_config(model_config, world_size))
         return model.eval()
     model = load_causal_lm(config.target, config.dtype, config.device)
     shard_manually(model, dist.get_rank(), world_size)
     return model
+
+
+def auto_distributed_config(model_config, world_size: int):
+    """transformers' own plans over `world_size` ranks: its TP plan, and its expert-parallel plan for
+    MoE models that have one (from transformers 5.25 the routed experts are in the EP plan only, so a
+    TP plan alone leaves every expert whole on every rank)."""
+    from transformers.distributed import DistributedConfig
+
+    fields = {field.name for field in dataclasses.fields(DistributedConfig)}
+    if getattr(model_config, "base_model_ep_plan", None) and "ep_size" in fields:
+        return DistributedConfig(tp_size=world_size, ep_size=world_size)
+    return DistributedConfig(tp_size=world_size)
 
 
 def shard_manually(model: nn.Module, rank: int, world_size: int) -> None:
