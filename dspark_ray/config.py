@@ -89,6 +89,15 @@ class EngineConfig(FrozenModel):
             "per-sequence layout. Needs sdpa attention (others run padded). Off: pad every row to the longest."
         ),
     )
+    absorbed_mla: bool = Field(
+        True,
+        description=(
+            "MLA targets (DeepSeek-V2/V3): attend over the cached latents with kv_b_proj absorbed into the "
+            "queries and outputs, instead of expanding every cached slot into per-head keys and values at "
+            "every forward (HF's form), in forwards of few new tokens a row (decode, verification). Needs "
+            "sdpa attention. Off: HF's expanded form."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

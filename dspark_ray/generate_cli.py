@@ -41,6 +41,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str =
                         default=EngineConfig.model_fields["packed_forwards"].default,
                         help="feed the target's ragged forwards without padding (only real tokens reach its "
                              "linear layers and experts)")
+    parser.add_argument("--absorbed-mla", action=argparse.BooleanOptionalAction,
+                        default=EngineConfig.model_fields["absorbed_mla"].default,
+                        help="MLA targets (DeepSeek-V3): attend over the cached latents with kv_b_proj absorbed, "
+                             "instead of expanding every cached slot at every step")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default: {threads_default})")
@@ -51,7 +55,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
                   num_speculative_tokens=args.num_speculative_tokens,
                   adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device,
                   verification_schedule=args.verification_schedule, sps_profile=args.sps_profile,
-                  load_aware_drafting=args.load_aware_drafting, packed_forwards=args.packed_forwards)
+                  load_aware_drafting=args.load_aware_drafting, packed_forwards=args.packed_forwards,
+                  absorbed_mla=args.absorbed_mla)
     if args.draft is not None:  # else EngineConfig's default for the drafter kind
         fields["draft"] = args.draft
     return EngineConfig(**{**fields, **overrides})

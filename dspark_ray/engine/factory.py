@@ -47,7 +47,7 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
                            lambda ids: models.tokenizer.decode(ids, skip_special_tokens=True))
     return SpeculativeEngine(
         TargetVerifier(CausalLMRunner(models.target, pad_token_id, capture_layers(config, models),
-                                      config.packed_forwards)),
+                                      config.packed_forwards, config.absorbed_mla)),
         schedule_verification(config, build_drafter(config, models, pad_token_id)),
         stop_rules,
         config.num_speculative_tokens,

@@ -26,6 +26,8 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dspark_ray.engine.absorbed_mla import absorbed_attention, absorbs
+
 PACKED_ATTENTION = "dspark_packed"
 
 
@@ -73,11 +75,13 @@ class PackedDynamicCache(DynamicCache):
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sdpa over the padded layout: queries `[1, H, N, D]` in, outputs `[1, N, H, D]` out."""
+    """sdpa over the padded layout: queries `[1, H, N, D]` in, outputs `[1, N, H, D]` out. An MLA
+    module absorbing its `kv_b_proj` (`engine.absorbed_mla`) attends over its latents instead."""
+    attend = absorbed_attention if absorbs(module) else sdpa_attention_forward
     packing = _active.get()
     if packing is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    output, weights = sdpa_attention_forward(module, packing.unpack_heads(query), key, value, attention_mask, **kwargs)
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    output, weights = attend(module, packing.unpack_heads(query), key, value, attention_mask, **kwargs)
     return packing.pack(output), weights
 
 

@@ -17,12 +17,14 @@ from transformers import PreTrainedModel
 from dspark_ray.engine.feature_capture import LayerCapture
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import context_limit
+from dspark_ray.engine.absorbed_mla import absorbing, install as install_absorption
 from dspark_ray.engine.packed_forward import Packing, PackedDynamicCache, enable_packing, packed
 
 
 class CausalLMRunner:
     def __init__(self, model: PreTrainedModel, pad_token_id: int = 0,
-                 capture_layers: list[int] | None = None, packed_forwards: bool = True) -> None:
+                 capture_layers: list[int] | None = None, packed_forwards: bool = True,
+                 absorbed_mla: bool = True) -> None:
         self.model = model
         self.capture = LayerCapture(model, capture_layers) if capture_layers else None
         self.last_features: torch.Tensor | None = None  # [N, T, L*H] of the last forward, if capturing
@@ -31,7 +33,11 @@ class CausalLMRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.cache_keyword = cache_keyword(model)
-        self.packs = packed_forwards and enable_packing(model)  # ragged forwards run packed (engine.packed_forward)
+        engine_attention = (packed_forwards or absorbed_mla) and enable_packing(model)
+        self.packs = packed_forwards and engine_attention  # ragged forwards run packed (engine.packed_forward)
+        # MLA attends over the cached latents in forwards of up to this many new tokens a row
+        # (engine.absorbed_mla); 0: never
+        self.absorb_up_to = install_absorption(model) if absorbed_mla and engine_attention else 0
         self.seq_ids: list[int] = []
         self.cache = self._new_cache(0)
 
@@ -110,7 +116,8 @@ class CausalLMRunner:
         if packing is not None:
             input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids)
         with self.capture.recording() if self.capture is not None else nullcontext(), \
-                packed(packing) if packing is not None else nullcontext():
+                packed(packing) if packing is not None else nullcontext(), \
+                absorbing() if inputs.input_ids.shape[1] <= self.absorb_up_to else nullcontext():
             output = self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,

@@ -76,7 +76,8 @@ class TargetWorker:
         # Rank 0 answers, so only it captures the layers a DSpark drafter needs: the residual stream
         # between decoder layers is whole on every rank (sharded blocks all-reduce their outputs).
         capture = feature_layer_ids(self.engine_config) if self.rank == 0 else None
-        self.verifier = TargetVerifier(CausalLMRunner(model, pad_token_id, capture, self.engine_config.packed_forwards))
+        self.verifier = TargetVerifier(CausalLMRunner(model, pad_token_id, capture, self.engine_config.packed_forwards,
+                                                      self.engine_config.absorbed_mla))
         self.vocab_size = vocab_size(model)
         if self.rank == 0:
             self.server, self._address = start_server(pb_grpc.add_TargetWorkerServicer_to_server, _Servicer(self),
