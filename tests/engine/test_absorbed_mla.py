@@ -4,16 +4,12 @@ and leaves the model HF's own outside the engine's forwards."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
 from dspark_ray.engine.absorbed_mla import crossover_queries, install
-from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.loading import load_causal_lm
 from dspark_ray.engine.runner import CausalLMRunner
-from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
 
 PROMPTS = {0: [11, 12, 13, 14, 15], 1: [21], 2: [31, 32, 33, 34, 35, 36, 37, 38, 39]}
 STEPS = [  # a verification (ragged: 3, 1 and 6 tokens), a decode step, a roll-back's re-feed
@@ -133,15 +129,3 @@ def test_crossover_follows_the_head_dimensions():
     assert crossover_queries(64, 32, 32) == 63  # the bundled target: T * 64 < 4096
     assert crossover_queries(512, 128, 128) == 170  # DeepSeek-V3
     assert crossover_queries(16, 16, 16) == 1 << 30  # absorbing is never the dearer
-
-
-def test_the_flag_and_the_config_turn_absorption_off():
-    parser = argparse.ArgumentParser()
-    add_engine_arguments(parser)
-    assert engine_config_from_args(parser.parse_args([])).absorbed_mla is True
-    config = engine_config_from_args(parser.parse_args(["--no-absorbed-mla", "--drafter", "none"]))
-    assert config.absorbed_mla is False
-
-    engine = build_engine(config, load_models(config))
-
-    assert engine.verifier.runner.absorb_up_to == 0

@@ -103,13 +103,16 @@ def test_a_model_without_sdpa_keeps_padded_forwards(tiny):
     assert runner.forward(FEED).shape[:2] == (3, 6)
 
 
-def test_the_flag_and_the_config_turn_packing_off(tiny):
+@pytest.mark.parametrize("flag, field, runner_uses_it", [
+    ("packed-forwards", "packed_forwards", lambda runner: runner.packs),
+    ("absorbed-mla", "absorbed_mla", lambda runner: runner.absorb_up_to > 0),  # engine.absorbed_mla
+])
+def test_the_flag_and_the_config_turn_it_off(flag, field, runner_uses_it):
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)
-    assert engine_config_from_args(parser.parse_args([])).packed_forwards is True
-    config = engine_config_from_args(parser.parse_args(["--no-packed-forwards", "--drafter", "none"]))
-    assert config.packed_forwards is False
+    default = engine_config_from_args(parser.parse_args(["--drafter", "none"]))
+    config = engine_config_from_args(parser.parse_args([f"--no-{flag}", "--drafter", "none"]))
+    assert getattr(default, field) is True and getattr(config, field) is False
 
-    engine = build_engine(config, load_models(config))
-
-    assert not engine.verifier.runner.packs
+    assert runner_uses_it(build_engine(default, load_models(default)).verifier.runner)
+    assert not runner_uses_it(build_engine(config, load_models(config)).verifier.runner)
