@@ -90,8 +90,9 @@ AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
 
 
 def enable_packing(model: PreTrainedModel) -> bool:
-    """Switch an sdpa model to packed attention (the same as sdpa when no packing is active);
-    False, and the model unchanged, for any other attention implementation."""
+    """Switch an sdpa model to packed attention (the same as sdpa when no packing is active, and
+    what absorbed MLA runs through); False, and the model unchanged, for any other attention
+    implementation."""
     implementation = model.config._attn_implementation
     if implementation == PACKED_ATTENTION:
         return True

@@ -14,10 +14,10 @@ from contextlib import nullcontext
 import torch
 from transformers import PreTrainedModel
 
+from dspark_ray.engine.absorbed_mla import absorbing, install as install_absorption
 from dspark_ray.engine.feature_capture import LayerCapture
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import context_limit
-from dspark_ray.engine.absorbed_mla import absorbing, install as install_absorption
 from dspark_ray.engine.packed_forward import Packing, PackedDynamicCache, enable_packing, packed
 
 
