@@ -31,9 +31,8 @@ from dspark_ray.engine.verifier import TargetVerifier
 from dspark_ray.serving.distributed import convert
 from dspark_ray.serving.distributed.mirror import SequenceMirror, SequenceStateError
 from dspark_ray.serving.distributed.server import CommandRunner, start_server
-from dspark_ray.serving.ports import free_port
 from dspark_ray.serving.distributed.tensor_parallel import (RankEnvironment, Sharding, check_group, init_group,
-                                                            load_target_shard, parameter_bytes)
+                                                            load_target_shard, open_rendezvous, parameter_bytes)
 from dspark_ray.serving.wire import worker_pb2 as pb
 from dspark_ray.serving.wire import worker_pb2_grpc as pb_grpc
 
@@ -58,17 +57,19 @@ class TargetWorker:
         self._control: dist.ProcessGroup | None = None  # carries commands; None with one rank
         self.backend = "none"  # of the process group, after an all-reduce went through it
         self._address: str | None = None
+        self._store: dist.TCPStore | None = None  # rank 0's rendezvous store, once asked
 
-    def rendezvous(self) -> tuple[str, int]:
-        """(host, free port) for MASTER_ADDR / MASTER_PORT; asked of rank 0."""
-        return self.host, free_port(self.host)
+    def rendezvous(self, timeout_s: float) -> tuple[str, int]:
+        """Open the group's rendezvous store; (host, port) for MASTER_ADDR / MASTER_PORT. Asked of rank 0."""
+        self._store = open_rendezvous(self.host, self.world_size, timeout_s)
+        return self.host, self._store.port
 
     def start(self, master_addr: str, master_port: int, backend: str, sharding: Sharding, timeout_s: float) -> str | None:
         """Join the group and load this rank's shard; rank 0 returns its gRPC address."""
         gpu_ids = ray.get_gpu_ids()  # Ray makes the rank's own GPU device 0 of this process
         env = RankEnvironment(self.rank, self.world_size, 0 if gpu_ids else self.rank, master_addr, master_port)
         if self.world_size > 1 or backend == "nccl":  # one GPU: still a (one-rank) nccl group
-            control = init_group(env, backend, timeout_s)
+            control = init_group(env, backend, timeout_s, self._store)
             self._control = control if self.world_size > 1 else None
             self.backend = check_group(self.engine_config.device)
         model = load_target_shard(self.engine_config, self.world_size, sharding)

@@ -52,12 +52,24 @@ class ParameterBytes:
     experts: int  # parameters of routed-expert banks (".experts." in the name)
 
 
-def init_group(env: RankEnvironment, backend: str, timeout_s: float) -> dist.ProcessGroup:
-    """Join the group (its collectives time out after `timeout_s`); returns the gloo group that
-    carries commands, whose waits do not time out: a follower rank waits there for the next command
-    however long the replica idles (a dead rank 0 still ends the wait: its connections close)."""
+def open_rendezvous(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on a port the OS picks as it binds (`.port`). Asking for
+    a free port first and binding it later races with every other socket on the machine."""
+    return dist.TCPStore(host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def init_group(env: RankEnvironment, backend: str, timeout_s: float,
+               store: dist.TCPStore | None = None) -> dist.ProcessGroup:
+    """Join the group through rank 0's rendezvous `store` (the other ranks pass None and dial it);
+    its collectives time out after `timeout_s`. Returns the gloo group that carries commands, whose
+    waits do not time out: a follower rank waits there for the next command however long the
+    replica idles (a dead rank 0 still ends the wait: its connections close)."""
     env.export()
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout, store=store)
     return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 

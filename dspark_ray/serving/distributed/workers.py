@@ -154,7 +154,8 @@ class TargetGroupHandle(_Supervised):
         ).remote(self.engine_config, rank, placement.tp, placement.num_threads_per_worker)
             for rank in range(placement.tp)]
         try:
-            master_addr, master_port = ray.get(actors[0].rendezvous.remote(), timeout=placement.startup_timeout_s)
+            master_addr, master_port = ray.get(actors[0].rendezvous.remote(placement.startup_timeout_s),
+                                              timeout=placement.startup_timeout_s)
             starts = [actor.start.remote(master_addr, master_port, placement.resolved_backend, placement.tp_sharding,
                                          placement.target_timeout_s) for actor in actors]
             return actors, ray.get(starts, timeout=placement.startup_timeout_s)[0]
