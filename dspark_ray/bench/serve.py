@@ -309,7 +309,10 @@ def format_served_vs_in_process(result: dict[str, Any]) -> str:
 
 def baseline_app(kind: str, speculative: AppConfig) -> tuple[str, AppConfig]:
     """The app the speculative one is compared with, and its name: the target alone
-    ('target-only'), or the same engine stepped on a thread of its replica ('engine-thread')."""
+    ('target-only'), the same engine stepped on a thread of its replica ('engine-thread'), or the
+    same app with its router placed the other way ('other-router': colocate_router toggled)."""
+    if kind == "other-router":
+        return "other_router", speculative.model_copy(update={"colocate_router": not speculative.colocate_router})
     if kind == "engine-thread":
         workers = speculative.workers.model_copy(update={"engine_process": False, "engine_cpus": None})
         return "engine_thread", speculative.model_copy(update={"workers": workers})
@@ -331,7 +334,8 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
                 "torch_num_threads": args.threads or 1,
                 # both apps share one GPU (Ray hides GPUs from actors that reserve none)
                 "model_server_num_gpus": 0.5 if engine.device.startswith("cuda") else 0.0,
-                "workers": WorkersConfig(engine_process=args.engine_process, engine_cpus=args.engine_cpus)}
+                "workers": WorkersConfig(engine_process=args.engine_process, engine_cpus=args.engine_cpus),
+                "colocate_router": args.colocate_router}
     port = free_port()
     config = ServeConfig(http_port=port, grpc_port=None, app_name="speculative", route_prefix="/speculative",
                          app=AppConfig(engine=engine, **capacity))
@@ -386,9 +390,10 @@ def add_parser(subparsers) -> None:
                         help="print two earlier results side by side (ratios B / A) and exit")
     parser.add_argument("--launch", action="store_true",
                         help="start a local Ray Serve with speculative and target-only apps and compare them")
-    parser.add_argument("--baseline", choices=["target-only", "engine-thread"], default="target-only",
-                        help="--launch: the app the speculative one is compared with: the target alone, or the "
-                             "same engine stepped on a thread of its replica instead of in a process of its own")
+    parser.add_argument("--baseline", choices=["target-only", "engine-thread", "other-router"], default="target-only",
+                        help="--launch: the app the speculative one is compared with: the target alone, the "
+                             "same engine stepped on a thread of its replica instead of in a process of its own, "
+                             "or the same app with --colocate-router toggled")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (--launch)")
     parser.add_argument("--repetitions", type=int, default=1,
                         help="--launch: interleaved runs of both apps; each level reports the median run")

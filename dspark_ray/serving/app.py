@@ -14,6 +14,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from dspark_ray.serving.colocated import ColocatedRouter
 from dspark_ray.serving.config import AppConfig
 from dspark_ray.serving.router import MODEL_SERVER_DEPLOYMENT, ROUTER_DEPLOYMENT, Router
 from dspark_ray.serving.served_model import ServedModel
@@ -29,6 +30,9 @@ SAME_LOOP_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    if config.colocate_router:
+        colocated = serve.deployment(name=ROUTER_DEPLOYMENT, **colocated_options(config))
+        return colocated(serve.ingress()(ColocatedRouter)).bind(config)
     model = serve.deployment(name=MODEL_SERVER_DEPLOYMENT, **model_server_options(config))(ServedModel)
     router = serve.deployment(name=ROUTER_DEPLOYMENT, **router_options(config))(serve.ingress()(Router))
     return router.bind(model.bind(config), config)
@@ -64,3 +68,11 @@ def router_options(config: AppConfig) -> dict[str, Any]:
         "max_ongoing_requests": admitted + ROUTER_EXTRA_ONGOING,
         "ray_actor_options": {"num_cpus": config.router_num_cpus, "runtime_env": {"env_vars": SAME_LOOP_ENV_VARS}},
     }
+
+
+def colocated_options(config: AppConfig) -> dict[str, Any]:
+    """The model server's resources and scaling; the limit of a router that is its own model server."""
+    options = model_server_options(config)
+    del options["max_queued_requests"]  # the replica queues (ColocatedRouter.admission_limit), not a handle
+    options["max_ongoing_requests"] = config.max_ongoing_requests + config.max_queued_requests + ROUTER_EXTRA_ONGOING
+    return options

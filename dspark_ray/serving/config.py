@@ -132,6 +132,13 @@ class AppConfig(FrozenModel):
         ),
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model-server replicas.")
+    colocate_router: bool = Field(
+        False, description=(
+            "Run the router inside each model-server replica: one Serve deployment, no hop between the "
+            "two per request and per delta; the router then scales with the model servers "
+            "(router_replicas and router_num_cpus do not apply)."
+        ),
+    )
     router_replicas: int = Field(1, ge=1, description="Replicas of the HTTP/gRPC router deployment.")
     router_num_cpus: float = Field(0.25, ge=0, description="Ray CPUs reserved by one router replica.")
     model_server_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved by one model-server replica.")

@@ -77,6 +77,9 @@ def add_high_throughput_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--haproxy", action="store_true",
                         help="HAProxy instead of Serve's Python proxy on a fresh local cluster: faster first "
                              "token, but an aborted non-streaming request decodes to its end")
+    parser.add_argument("--colocate-router", action="store_true",
+                        help="run the HTTP/gRPC router inside each model-server replica (one deployment, no "
+                             "hop between the two per request and per delta)")
 
 
 def add_engine_process_argument(parser: argparse.ArgumentParser) -> None:
@@ -106,7 +109,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         # Ray hides GPUs from actors that reserve none: a local-mode replica on CUDA reserves one.
         num_gpus = 1.0 if engine.device.startswith("cuda") and workers.mode == "local" else 0.0
         app = AppConfig(model_name=args.model_name, engine=engine, workers=workers,
-                        torch_num_threads=args.threads or 1, model_server_num_gpus=num_gpus)
+                        torch_num_threads=args.threads or 1, model_server_num_gpus=num_gpus,
+                        colocate_router=args.colocate_router)
         config = ServeConfig(app=app)
     updates = {}
     if args.host is not None:

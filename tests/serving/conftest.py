@@ -52,7 +52,8 @@ class ServedApp:
         """Sequences the app's model server holds right now."""
         from ray import serve
 
-        return serve.get_deployment_handle("ModelServer", self.name).num_active.remote().result()
+        deployment = "Router" if self.config.colocate_router else "ModelServer"  # colocated: one deployment
+        return serve.get_deployment_handle(deployment, self.name).num_active.remote().result()
 
     def wait_until_idle(self, timeout_s: float = 15.0) -> int:
         deadline = time.monotonic() + timeout_s
@@ -125,6 +126,19 @@ def served_app(serve_instance: ServeEndpoints, engine_config: EngineConfig, mode
     config = AppConfig(engine=engine_config, chat_template=_chat_template(model_dirs), model_server_num_cpus=0.5,
                        router_num_cpus=0.25)
     return _deploy(serve_instance, "dspark", "/", config)
+
+
+@pytest.fixture(scope="session")
+def colocated_app(serve_instance: ServeEndpoints, served_app: ServedApp) -> ServedApp:
+    """`served_app`'s configuration with the router inside the model-server replica."""
+    config = served_app.config.model_copy(update={"colocate_router": True})
+    return _deploy(serve_instance, "colocated", "/colocated", config)
+
+
+@pytest.fixture(params=["served_app", "colocated_app"])
+def any_app(request) -> ServedApp:
+    """The main app, then the same with its router colocated."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="session")

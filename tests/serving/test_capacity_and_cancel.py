@@ -23,26 +23,26 @@ def _auth(app) -> dict[str, str]:
     return {"authorization": f"Bearer {ALICE_KEY}"} if app.config.tenants else {}
 
 
-def test_disconnect_mid_stream_frees_the_sequence(served_app) -> None:
-    assert served_app.wait_until_idle() == 0
-    body = _long_body(served_app, stream=True)
-    with httpx.stream("POST", f"{served_app.base_url}/completions", json=body, timeout=60) as response:
+def test_disconnect_mid_stream_frees_the_sequence(any_app) -> None:
+    assert any_app.wait_until_idle() == 0
+    body = _long_body(any_app, stream=True)
+    with httpx.stream("POST", f"{any_app.base_url}/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         events = response.iter_lines()
         first = next(line for line in events if line.startswith("data: "))
         assert '"text"' in first
-        assert served_app.num_active() == 1
+        assert any_app.num_active() == 1
     # leaving the block closes the connection mid-stream
     started = time.monotonic()
-    assert served_app.wait_until_idle() == 0
+    assert any_app.wait_until_idle() == 0
     assert time.monotonic() - started < 10
 
 
-def test_client_timeout_on_unary_request_frees_the_sequence(served_app) -> None:
-    assert served_app.wait_until_idle() == 0
+def test_client_timeout_on_unary_request_frees_the_sequence(any_app) -> None:
+    assert any_app.wait_until_idle() == 0
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{served_app.base_url}/completions", json=_long_body(served_app), timeout=1.5)
-    assert served_app.wait_until_idle() == 0
+        httpx.post(f"{any_app.base_url}/completions", json=_long_body(any_app), timeout=1.5)
+    assert any_app.wait_until_idle() == 0
 
 
 def test_over_capacity_is_429_with_retry_after(tiny_app) -> None:

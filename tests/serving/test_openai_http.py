@@ -29,18 +29,23 @@ MAX_TOKENS = 16
 EXTRA = {"return_token_ids": True}
 
 
+def _client(app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=app.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
 @pytest.fixture(scope="module")
 def client(served_app) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served_app.base_url, api_key="unused", max_retries=0, timeout=120)
+    return _client(served_app)
 
 
 def _extra(obj, name: str):
     return (obj.model_extra or {})[name]
 
 
-def test_completions_greedy_identical_to_target_only(client, served_app, target_only) -> None:
+def test_completions_greedy_identical_to_target_only(any_app, target_only) -> None:
+    client = _client(any_app)
     for prompt in PROMPTS[:3]:
-        response = client.completions.create(model=served_app.config.model_name, prompt=prompt,
+        response = client.completions.create(model=any_app.config.model_name, prompt=prompt,
                                               max_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA)
         expected = target_only.generate(target_only.encode(prompt), MAX_TOKENS)
         choice = response.choices[0]
@@ -49,9 +54,10 @@ def test_completions_greedy_identical_to_target_only(client, served_app, target_
         assert choice.finish_reason in ("stop", "length")
 
 
-def test_streaming_greedy_identical_to_target_only(client, served_app, target_only) -> None:
+def test_streaming_greedy_identical_to_target_only(any_app, target_only) -> None:
+    client = _client(any_app)
     for prompt in PROMPTS[3:6]:
-        stream = client.completions.create(model=served_app.config.model_name, prompt=prompt, max_tokens=MAX_TOKENS,
+        stream = client.completions.create(model=any_app.config.model_name, prompt=prompt, max_tokens=MAX_TOKENS,
                                            temperature=0, stream=True, extra_body=EXTRA)
         token_ids, text, finish_reasons = [], "", []
         for event in stream:
@@ -66,9 +72,9 @@ def test_streaming_greedy_identical_to_target_only(client, served_app, target_on
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_concurrency_8_identical_to_target_only(served_app, target_only, stream: bool) -> None:
+def test_concurrency_8_identical_to_target_only(any_app, target_only, stream: bool) -> None:
     async def one(client: openai.AsyncOpenAI, prompt: str) -> list[int]:
-        kwargs = dict(model=served_app.config.model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+        kwargs = dict(model=any_app.config.model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
                       extra_body=EXTRA)
         if not stream:
             return _extra((await client.completions.create(**kwargs)).choices[0], "token_ids")
@@ -78,7 +84,7 @@ def test_concurrency_8_identical_to_target_only(served_app, target_only, stream:
         return token_ids
 
     async def all_at_once() -> list[list[int]]:
-        async with openai.AsyncOpenAI(base_url=served_app.base_url, api_key="unused", max_retries=0,
+        async with openai.AsyncOpenAI(base_url=any_app.base_url, api_key="unused", max_retries=0,
                                       timeout=120) as client:
             return await asyncio.gather(*(one(client, prompt) for prompt in PROMPTS))
 
@@ -168,21 +174,23 @@ def test_seeded_sampling_is_reproducible(client, served_app) -> None:
     assert sample(7) == sample(7)
 
 
-def test_models_and_health(client, served_app) -> None:
+def test_models_and_health(any_app) -> None:
+    client = _client(any_app)
     models = client.models.list()
-    assert [m.id for m in models.data] == [served_app.config.model_name]
-    assert httpx.get(f"{served_app.root_url}/health", timeout=30).json() == {"status": "ok"}
+    assert [m.id for m in models.data] == [any_app.config.model_name]
+    assert httpx.get(f"{any_app.root_url}/health", timeout=30).json() == {"status": "ok"}
 
 
-def test_metrics_expose_spec_decode_counters(client, served_app) -> None:
-    client.completions.create(model=served_app.config.model_name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
-    page = httpx.get(f"{served_app.root_url}/metrics", timeout=30).text
+def test_metrics_expose_spec_decode_counters(any_app) -> None:
+    client = _client(any_app)
+    client.completions.create(model=any_app.config.model_name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    page = httpx.get(f"{any_app.root_url}/metrics", timeout=30).text
     values = {}
     for line in page.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
-    model = f'model_name="{served_app.config.model_name}"'
+    model = f'model_name="{any_app.config.model_name}"'
     assert values[f"dspark_spec_decode_num_drafts_total{{{model}}}"] > 0
     assert values[f"dspark_spec_decode_num_draft_tokens_total{{{model}}}"] > 0
     assert f"dspark_spec_decode_num_accepted_tokens_total{{{model}}}" in values
