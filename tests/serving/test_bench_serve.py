@@ -122,4 +122,7 @@ def test_launch_baselines() -> None:
     name, thread = baseline_app("engine-thread", speculative)
     assert name == "engine_thread" and thread.engine == speculative.engine
     assert thread.workers.engine_process is False and thread.workers.engine_cpus is None
+    name, other = baseline_app("other-router", speculative)
+    assert name == "other_router" and other.colocate_router is True and other.engine == speculative.engine
     assert speculative.workers.engine_process is True  # the speculative app itself is untouched
+    assert speculative.colocate_router is False

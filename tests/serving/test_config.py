@@ -11,7 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 from dspark_ray.cli import build_parser
-from dspark_ray.serving.app import SAME_LOOP_ENV_VARS, build_app, model_server_options, router_options
+from dspark_ray.serving.app import (SAME_LOOP_ENV_VARS, build_app, colocated_options, model_server_options,
+                                    router_options)
 from dspark_ray.serving.config import GRPC_SERVICER_FUNCTION, IMPORT_PATH, AppConfig, ServeConfig
 from dspark_ray.serving.serve_cli import HIGH_THROUGHPUT_ENV_VARS, serve_config_from_args
 
@@ -119,6 +120,24 @@ def test_build_app_binds_router_to_model_server() -> None:
     model_server = router.init_args[0]._bound_deployment
     assert model_server.name == "ModelServer"
     assert model_server.init_args[0].model_name == "m"
+
+
+def test_colocated_router_is_one_deployment_with_the_model_servers_resources() -> None:
+    config = AppConfig(model_name="m", colocate_router=True, max_ongoing_requests=8, max_queued_requests=4,
+                       model_server_num_gpus=1, autoscaling={"min_replicas": 1, "max_replicas": 3})
+    app = build_app(config)._bound_deployment
+    assert app.name == "Router" and app.init_args == (config,)  # no handle: the model is in the replica
+    options = colocated_options(config)
+    assert options["ray_actor_options"]["num_gpus"] == 1 and options["autoscaling_config"]["max_replicas"] == 3
+    assert options["max_ongoing_requests"] >= 8 + 4 and "max_queued_requests" not in options
+    assert options["ray_actor_options"]["runtime_env"]["env_vars"] == SAME_LOOP_ENV_VARS
+
+
+def test_colocate_router_flags() -> None:
+    assert serve_config_from_args(_serve_args()).app.colocate_router is False
+    assert serve_config_from_args(_serve_args("--colocate-router")).app.colocate_router is True
+    bench = build_parser().parse_args(["bench", "serve", "--launch", "--colocate-router", "--baseline", "other-router"])
+    assert bench.colocate_router is True and bench.baseline == "other-router"
 
 
 def _serve_args(*argv: str) -> argparse.Namespace:

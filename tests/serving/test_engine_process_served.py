@@ -21,12 +21,13 @@ MAX_TOKENS = 16
 pytestmark = pytest.mark.slow
 
 
-def model_server_pid(app_name: str) -> int:
-    """The process of the app's live model-server replica (from the GCS)."""
+def model_server_pid(app) -> int:
+    """The process of the app's live model-server replica (from the GCS); colocated: its router's."""
     from ray._private import state
 
+    deployment = "Router" if app.config.colocate_router else "ModelServer"
     (pid,) = [info["Pid"] for info in state.actors().values()
-              if info["ActorClassName"] == f"ServeReplica:{app_name}:ModelServer" and info["State"] == "ALIVE"]
+              if info["ActorClassName"] == f"ServeReplica:{app.name}:{deployment}" and info["State"] == "ALIVE"]
     return pid
 
 
@@ -46,20 +47,22 @@ def engine_process_pid(parent: int) -> int:
     return pid
 
 
-@pytest.fixture(scope="module")
-def crash_app(deploy_app, engine_config):
+@pytest.fixture(scope="module", params=[False, True], ids=["separate", "colocated"])
+def crash_app(deploy_app, engine_config, request):
     from ray import serve
 
-    config = AppConfig(model_name="crash", engine=engine_config, model_server_num_cpus=0.25, router_num_cpus=0.1)
-    app = deploy_app("crash", "/crash", config)
+    config = AppConfig(model_name="crash", engine=engine_config, model_server_num_cpus=0.25, router_num_cpus=0.1,
+                       colocate_router=request.param)
+    name = "crash_colocated" if request.param else "crash_separate"
+    app = deploy_app(name, f"/{name}", config)
     yield app
-    serve.delete("crash")
+    serve.delete(name)
 
 
 def test_a_killed_engine_process_ends_its_stream_with_an_error_and_the_replica_is_replaced(
         crash_app, target_only) -> None:
     url = f"{crash_app.base_url}/completions"
-    replica = model_server_pid("crash")
+    replica = model_server_pid(crash_app)
     engine = engine_process_pid(replica)
     body = {"model": "crash", "prompt": PROMPT, "max_tokens": 512, "ignore_eos": True, "temperature": 0,
             "stream": True}
@@ -80,4 +83,4 @@ def test_a_killed_engine_process_ends_its_stream_with_an_error_and_the_replica_i
         assert time.monotonic() < deadline, "the replica was not replaced"
         time.sleep(1)
     assert answer.json()["choices"][0]["token_ids"] == target_only.generate(target_only.encode(PROMPT), MAX_TOKENS)
-    assert model_server_pid("crash") != replica
+    assert model_server_pid(crash_app) != replica
