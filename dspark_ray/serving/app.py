@@ -1,4 +1,5 @@
-"""Build the Serve application: a Router ingress in front of a ModelServer deployment.
+"""Build the Serve application: a Router ingress in front of a ModelServer deployment, or, with
+`colocate_router`, one deployment whose replicas are routers holding their model instance.
 
 `build_app` is the `import_path` of the Serve config file (`dspark_ray.serving.app:build_app`),
 its `args` are an `AppConfig`. Serve decorators are applied here, at build time, so `Router` and

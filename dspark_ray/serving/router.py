@@ -3,8 +3,8 @@
 `Router` is a plain class; `dspark_ray.serving.app` wraps it with `serve.ingress()` (the FastAPI
 app is built per replica by `__serve_build_asgi_app__`) and `serve.deployment` when the
 application is built. It authenticates, validates, applies the per-request deadline and tenant
-quotas, streams deltas from a model-server deployment through a DeploymentHandle, and records
-metrics. Every failure leaves as an OpenAI-style error (a gRPC status on the gRPC side). It knows
+quotas, streams deltas from a model-server deployment through a DeploymentHandle (colocated: from
+the model in its own process, through a `LocalHandle`), and records metrics. Every failure leaves as an OpenAI-style error (a gRPC status on the gRPC side). It knows
 nothing about engines or tokenizers; the model server tokenizes and checks prompts.
 """
 
