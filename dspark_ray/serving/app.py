@@ -61,12 +61,11 @@ def model_server_options(config: AppConfig) -> dict[str, Any]:
 
 
 def router_options(config: AppConfig) -> dict[str, Any]:
-    # The router admits up to this many generations itself (see Router.admission_limit); Serve's own
+    # The router admits up to AppConfig.router_admission_limit generations itself; Serve's own
     # limit only has to leave room for them and for /health, /metrics and /v1/models.
-    admitted = config.max_ongoing_requests * config.autoscaling.max_replicas + config.max_queued_requests
     return {
         "num_replicas": config.router_replicas,
-        "max_ongoing_requests": admitted + ROUTER_EXTRA_ONGOING,
+        "max_ongoing_requests": config.router_admission_limit + ROUTER_EXTRA_ONGOING,
         "ray_actor_options": {"num_cpus": config.router_num_cpus, "runtime_env": {"env_vars": SAME_LOOP_ENV_VARS}},
     }
 
@@ -74,6 +73,6 @@ def router_options(config: AppConfig) -> dict[str, Any]:
 def colocated_options(config: AppConfig) -> dict[str, Any]:
     """The model server's resources and scaling; the limit of a router that is its own model server."""
     options = model_server_options(config)
-    del options["max_queued_requests"]  # the replica queues (ColocatedRouter.admission_limit), not a handle
-    options["max_ongoing_requests"] = config.max_ongoing_requests + config.max_queued_requests + ROUTER_EXTRA_ONGOING
+    del options["max_queued_requests"]  # the replica queues (its router's admission limit), not a handle
+    options["max_ongoing_requests"] = config.router_admission_limit + ROUTER_EXTRA_ONGOING
     return options

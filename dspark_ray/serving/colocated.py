@@ -18,8 +18,6 @@ class ColocatedRouter(Router):
     def __init__(self, config: AppConfig) -> None:
         self.served = ServedModel(config)
         super().__init__(LocalHandle(self.served), config)
-        # This replica is the model instance: it holds max_ongoing_requests and queues the rest itself.
-        self.admission_limit = config.max_ongoing_requests + config.max_queued_requests
 
     def num_active(self) -> int:
         return self.served.num_active()

@@ -155,6 +155,13 @@ class AppConfig(FrozenModel):
             raise ValueError("tenant names and api keys must be unique")
         return self
 
+    @property
+    def router_admission_limit(self) -> int:
+        """Generations one router replica admits before it answers over capacity: what the model
+        servers hold plus the queue; colocated, only its own model instance's."""
+        held = self.max_ongoing_requests * (1 if self.colocate_router else self.autoscaling.max_replicas)
+        return held + self.max_queued_requests
+
     def to_args(self) -> dict[str, Any]:
         """JSON-able `args` for a Serve config file (secrets written out in clear)."""
         args = self.model_dump(mode="json", exclude={"tenants"}, exclude_defaults=True)

@@ -52,8 +52,7 @@ class Router:
         # Admission control is ours, not Serve's max_queued_requests: Serve counts a request as queued
         # only while it picks a replica, not while a full replica's rejection is on its way back, so
         # its limit lets bursts through. Beyond this many requests in flight, answer over capacity.
-        self.admission_limit = (config.max_ongoing_requests * config.autoscaling.max_replicas
-                                + config.max_queued_requests)
+        self.admission_limit = config.router_admission_limit
         self.num_in_flight = 0
 
     def __serve_build_asgi_app__(self) -> FastAPI:
