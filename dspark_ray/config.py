@@ -89,6 +89,15 @@ class EngineConfig(FrozenModel):
             "per-sequence layout. Needs sdpa attention (others run padded). Off: pad every row to the longest."
         ),
     )
+    fused_prefill: bool = Field(
+        True,
+        description=(
+            "Prefill newly admitted prompts in the same target forward as the running sequences' "
+            "verification (a mixed batch, as vLLM's and SGLang's schedulers build), instead of a forward of "
+            "their own before it. On the worker actors' path the target still prefills in a call of its own. "
+            "Off: a forward of their own."
+        ),
+    )
     absorbed_mla: bool = Field(
         True,
         description=(

@@ -41,6 +41,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str =
                         default=EngineConfig.model_fields["packed_forwards"].default,
                         help="feed the target's ragged forwards without padding (only real tokens reach its "
                              "linear layers and experts)")
+    parser.add_argument("--fused-prefill", action=argparse.BooleanOptionalAction,
+                        default=EngineConfig.model_fields["fused_prefill"].default,
+                        help="prefill newly admitted prompts in the same target forward as the running "
+                             "sequences' verification")
     parser.add_argument("--absorbed-mla", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.model_fields["absorbed_mla"].default,
                         help="MLA targets (DeepSeek-V3): attend over the cached latents with kv_b_proj absorbed, "
@@ -56,7 +60,7 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
                   adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device,
                   verification_schedule=args.verification_schedule, sps_profile=args.sps_profile,
                   load_aware_drafting=args.load_aware_drafting, packed_forwards=args.packed_forwards,
-                  absorbed_mla=args.absorbed_mla)
+                  fused_prefill=args.fused_prefill, absorbed_mla=args.absorbed_mla)
     if args.draft is not None:  # else EngineConfig's default for the drafter kind
         fields["draft"] = args.draft
     return EngineConfig(**{**fields, **overrides})

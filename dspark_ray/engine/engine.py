@@ -1,10 +1,12 @@
 """The speculative decoding engine: one process, continuous batching, any drafter.
 
-Each step: (1) admit waiting requests (prefill; the target emits their first token), (2) the
-drafter proposes up to `num_speculative_tokens` tokens per running sequence, (3) the verifier
-scores the drafts of all running sequences in ONE target forward (ragged lengths) and applies the
-lossless rule of `dspark_ray.core.verification`, (4) stop rules append the kept tokens, (5) target
-and drafter caches roll back to what was committed, finished sequences leave.
+Each step: (1) admit waiting requests, (2) the drafter proposes up to `num_speculative_tokens`
+tokens per running sequence, (3) the verifier scores the drafts of all running sequences in ONE
+target forward (ragged lengths) and applies the lossless rule of `dspark_ray.core.verification`;
+the same forward prefills the admitted prompts, whose logits give their first tokens (a mixed
+batch; `fused_prefill=False` prefills them in a forward of their own first), (4) stop rules append
+the kept tokens, (5) target and drafter caches roll back to what was committed, finished sequences
+leave.
 
 The engine owns the authoritative per-sequence state. It knows token ids only; text enters
 through the optional `decode` of the stop rules.
@@ -24,14 +26,15 @@ from dspark_ray.engine.verifier import Verifier, VerifyOutput
 
 class SpeculativeEngine:
     def __init__(self, verifier: Verifier, drafter: Drafter, stop_rules: StopRules,
-                 num_speculative_tokens: int, max_batch_size: int = 32, governor: DraftingPolicy | None = None
-                 ) -> None:
+                 num_speculative_tokens: int, max_batch_size: int = 32, governor: DraftingPolicy | None = None,
+                 fused_prefill: bool = True) -> None:
         self.verifier = verifier
         self.governor = governor  # None: greedy sequences always draft
         self.drafter = drafter
         self.stop_rules = stop_rules
         self.num_speculative_tokens = num_speculative_tokens
         self.max_batch_size = max_batch_size
+        self.fused_prefill = fused_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_seq_id = 0
@@ -56,33 +59,35 @@ class SpeculativeEngine:
     def step(self) -> list[Sequence]:
         """Advance every sequence by one verification; returns those that finished."""
         start = self._last_step_end or time.perf_counter()
+        fused = self.fused_prefill and bool(self.running)  # else nothing to prefill beside: a forward of its own
         admission_start = time.perf_counter()
-        admitted = {seq.seq_id for seq in self.admit()}
-        admission = time.perf_counter() - admission_start
-        speculating = [seq for seq in self.running if seq.seq_id not in admitted]
-        if speculating and self.governor is None:
-            self._speculate(speculating, draft_limit=None)
-        elif speculating:
-            self._governed_speculation(speculating, start + admission)
+        admitted = self._take_waiting() if fused else self.admit()
+        if not fused:
+            start += time.perf_counter() - admission_start  # the governor's timing leaves prefills out
+        new = {seq.seq_id for seq in admitted}
+        verified = [seq for seq in self.running if seq.seq_id not in new]
+        if verified:
+            self._verify_step(verified, admitted if fused else [], start)
         return self.retire()
 
-    def _speculate(self, seqs: list[Sequence], draft_limit: int | None) -> DraftProposal:
-        proposal = self.propose(seqs, draft_limit)
-        self.commit(seqs, proposal, self.verifier.verify(seqs, proposal))
-        return proposal
-
-    def _governed_speculation(self, seqs: list[Sequence], start: float) -> None:
-        """Draft as far as the governor says (not at all, a short or the full length), and tell it
-        the rate. Timed from the end of the last step, so what happens between steps counts too (a
-        server streaming deltas: a mode whose long steps keep new requests waiting shows it in fewer
-        tokens per second), less this step's admissions (`start` is moved past them): a prefill
-        costs the same in either mode, and one landing in a block would decide its verdict. Not
-        recorded: drafting steps that drafted nothing (a drafter that is down says nothing about
-        drafting)."""
-        draft_limit = self.governor.draft_limit(len(seqs))
+    def _verify_step(self, seqs: list[Sequence], admitted: list[Sequence], start: float) -> None:
+        """Draft as far as the governor says (not at all, a short or the full length), verify, and
+        prefill `admitted` in the same forward. The governor is told the rate of steps that
+        prefilled nothing: a prefill costs the same in either mode, and one landing in a block
+        would decide its verdict. Timed from the end of the last step, so what happens between
+        steps counts too (a server streaming deltas: a mode whose long steps keep new requests
+        waiting shows it in fewer tokens per second), less the prefill of an unfused admission
+        (`start` is moved past it). Not recorded either: drafting steps that drafted nothing (a
+        drafter that is down says nothing about drafting)."""
+        draft_limit = None if self.governor is None else self.governor.draft_limit(len(seqs))
         before = sum(seq.num_tokens for seq in seqs)
-        proposal = self._speculate(seqs, draft_limit)
-        record_rate(self.governor, len(seqs), draft_limit, seqs, proposal, before, start)
+        proposal = self.propose(seqs, draft_limit)
+        output, added = self.verifier.verify_and_add(seqs, proposal, admitted)
+        if admitted:
+            self.welcome(admitted, added)
+        self.commit(seqs, proposal, output)
+        if self.governor is not None and not admitted:
+            record_rate(self.governor, len(seqs), draft_limit, seqs, proposal, before, start)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
         seqs = [self.add_request(request) for request in requests]
@@ -109,15 +114,28 @@ class SpeculativeEngine:
     def prefill(self) -> tuple[list[Sequence], TargetFeatures | None]:
         """The target's half of admitting: prompts in, first tokens out. `introduce` must follow
         before the admitted sequences draft."""
-        room = self.max_batch_size - len(self.running)
-        admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        admitted = self._take_waiting()
         if not admitted:
             return [], None
-        self.running.extend(admitted)
         output = self.verifier.add(admitted)
+        self._append_first_tokens(admitted, output)
+        return admitted, output.target_features
+
+    def welcome(self, admitted: list[Sequence], output: VerifyOutput) -> None:
+        """Both halves of admitting, after a forward that prefilled `admitted` (`output`)."""
+        self._append_first_tokens(admitted, output)
+        self.introduce(admitted, output.target_features)
+
+    def _take_waiting(self) -> list[Sequence]:
+        """Move as many waiting requests into the batch as it has room for."""
+        room = self.max_batch_size - len(self.running)
+        admitted = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        self.running.extend(admitted)
+        return admitted
+
+    def _append_first_tokens(self, admitted: list[Sequence], output: VerifyOutput) -> None:
         for row, seq in enumerate(admitted):  # the prefill's token is no verification step: no stats
             self.stop_rules.append(seq, output.result.tokens(row))
-        return admitted, output.target_features
 
     def introduce(self, admitted: list[Sequence], target_features: TargetFeatures | None) -> None:
         """The drafter's half of admitting."""

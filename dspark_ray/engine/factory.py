@@ -53,6 +53,7 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
         config.num_speculative_tokens,
         config.max_batch_size,
         drafting_governor(config),
+        config.fused_prefill,
     )
 
 

@@ -33,8 +33,8 @@ class ForwardInputs:
 
 
 class BatchKVCache:
-    """A batch of per-sequence caches with verbs: append (via forward), truncate, select, merge, compact,
-    and narrow (a forward over some rows only)."""
+    """A batch of per-sequence caches with verbs: append (via forward), truncate, select, merge, extend
+    (empty rows), compact, and narrow (a forward over some rows only)."""
 
     def __init__(self, hf_cache: DynamicCache, num_rows: int) -> None:
         self.hf_cache = hf_cache
@@ -120,6 +120,15 @@ class BatchKVCache:
         self.slot_valid = torch.cat([self.slot_valid, other.slot_valid])
         self.cached_tokens.extend(other.cached_tokens)
 
+    def extend(self, num_rows: int) -> None:
+        """Append `num_rows` empty rows after this cache's rows (all their slots holes): a forward
+        that feeds them their prompts prefills them beside the other rows' tokens."""
+        for layer in self._layers():
+            layer.keys = _pad_dim0(layer.keys, num_rows)
+            layer.values = _pad_dim0(layer.values, num_rows)
+        self.slot_valid = torch.cat([self.slot_valid, torch.zeros(num_rows, self.num_slots, dtype=torch.bool)])
+        self.cached_tokens.extend([] for _ in range(num_rows))
+
     @contextmanager
     def narrowed(self, rows: list[int]) -> Iterator["BatchKVCache"]:
         """A cache of `rows` alone (in that order) for one forward, so the other rows cost it
@@ -190,6 +199,10 @@ def _pad_dim2(states: torch.Tensor, extra: int) -> torch.Tensor:
         return states
     padding = states.new_zeros(states.shape[0], states.shape[1], extra, states.shape[3])
     return torch.cat([states, padding], dim=2)
+
+
+def _pad_dim0(states: torch.Tensor, extra: int) -> torch.Tensor:
+    return torch.cat([states, states.new_zeros(extra, *states.shape[1:])])
 
 
 def _put_rows(states: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,7 @@ class CausalLMRunner:
     def add(self, token_lists: Mapping[int, list[int]]) -> torch.Tensor:
         """Prefill new sequences; returns logits after each one's last token. # [N, V]"""
         new_ids = list(token_lists)
-        if any(seq_id in self.seq_ids for seq_id in new_ids):
-            raise ValueError("sequence already present in the runner")
+        self._check_new(new_ids)
         prefill = self._new_cache(len(new_ids))
         lists = [token_lists[seq_id] for seq_id in new_ids]
         logits = self._forward(prefill, lists)  # [N, T, V]
@@ -56,6 +55,17 @@ class CausalLMRunner:
         self.cache.merge(prefill)
         self.seq_ids.extend(new_ids)
         return logits[torch.arange(len(new_ids)), last]
+
+    def join(self, seq_ids: list[int]) -> None:
+        """Give new sequences empty caches: the next `forward` that feeds them their prompts
+        prefills them in the same forward as the other rows' tokens."""
+        self._check_new(seq_ids)
+        self.cache.extend(len(seq_ids))
+        self.seq_ids.extend(seq_ids)
+
+    def _check_new(self, seq_ids: list[int]) -> None:
+        if any(seq_id in self.seq_ids for seq_id in seq_ids):
+            raise ValueError("sequence already present in the runner")
 
     def remove(self, seq_ids: list[int]) -> None:
         gone = set(seq_ids)

@@ -31,6 +31,7 @@ class VerifyOutput:
 class DraftScores:
     target_logits: torch.Tensor  # [B, K+1, V]: position j scores draft j, the last one the bonus
     num_fed_committed: list[int]  # [B] committed tokens fed before the drafts
+    prompt_logits: torch.Tensor | None = None  # [N, V] after each prompt prefilled in the same forward
 
 
 class Verifier(Protocol):
@@ -39,6 +40,11 @@ class Verifier(Protocol):
 
     def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
         """Score each sequence's drafts after its committed tokens and decide what to keep."""
+
+    def verify_and_add(self, seqs: list[Sequence], proposal: DraftProposal, admitted: list[Sequence]
+                       ) -> tuple[VerifyOutput, VerifyOutput | None]:
+        """`verify(seqs, proposal)` and `add(admitted)` (None when `admitted` is empty), in one target
+        forward where the verifier can."""
 
     def sync(self, seqs: list[Sequence]) -> None:
         """Roll caches back to the committed tokens of `seqs`."""
@@ -53,15 +59,22 @@ class TargetVerifier:
 
     def add(self, seqs: list[Sequence]) -> VerifyOutput:
         logits = self.prefill(seqs)  # [N, V]
-        result = _verify(seqs, DraftProposal.empty(len(seqs)), logits[:, None])
-        num_kept = [len(seq.request.prompt_token_ids) for seq in seqs]
-        return VerifyOutput(result, self._features(seqs, num_kept))
+        return self._first_tokens(seqs, logits, first_row=0)
 
     def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
-        scores = self.score(seqs, proposal)
+        return self.verify_and_add(seqs, proposal, [])[0]
+
+    def verify_and_add(self, seqs: list[Sequence], proposal: DraftProposal, admitted: list[Sequence]
+                       ) -> tuple[VerifyOutput, VerifyOutput | None]:
+        """One forward: the drafts of `seqs` after their committed tokens, and the prompts of
+        `admitted` (a mixed batch, the way vLLM's scheduler puts prefills beside decodes). A
+        forward's cost on a small target is mostly per layer, not per token: prefilled on its own,
+        one prompt cost about a whole verification step of 16 sequences."""
+        scores = self.score(seqs, proposal, admitted)
         result = _verify(seqs, proposal, scores.target_logits)
         kept = [fed + int(n) for fed, n in zip(scores.num_fed_committed, result.num_accepted)]
-        return VerifyOutput(result, self._features(seqs, kept))
+        added = self._first_tokens(admitted, scores.prompt_logits, first_row=len(seqs)) if admitted else None
+        return VerifyOutput(result, self._features(seqs, kept)), added
 
     # The forward halves of add and verify: tensor-parallel ranks other than 0 run only these,
     # in lockstep with rank 0, which also applies the rule.
@@ -70,27 +83,46 @@ class TargetVerifier:
         """Cache the prompts; logits after each one's last token. # [N, V]"""
         return self.runner.add({seq.seq_id: seq.request.prompt_token_ids for seq in seqs})
 
-    def score(self, seqs: list[Sequence], proposal: DraftProposal) -> DraftScores:
+    def score(self, seqs: list[Sequence], proposal: DraftProposal, admitted: list[Sequence] = ()) -> DraftScores:
+        """Logits of the drafts of `seqs`, and (in the same forward) after the prompts of `admitted`."""
+        if admitted:
+            self.runner.join([seq.seq_id for seq in admitted])
         suffixes = [self.runner.uncached_suffix(seq.seq_id, seq.token_ids) for seq in seqs]
         feed = {seq.seq_id: suffix + proposal.drafts(row) for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
-        logits = self.runner.forward(feed)  # [B, T, V] in the order of seqs
+        feed.update({seq.seq_id: seq.request.prompt_token_ids for seq in admitted})
+        logits = self.runner.forward(feed)  # [B + N, T, V] in the order of seqs, then admitted
         rows = torch.arange(len(seqs))  # [B]
-        first = torch.tensor([len(suffix) - 1 for suffix in suffixes])  # [B]: logits after the last committed token
+        first = torch.tensor([len(suffix) - 1 for suffix in suffixes], dtype=torch.long)  # [B]: after the last committed token
         positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]  # [B, K+1]
         target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
-        return DraftScores(target_logits, [len(suffix) for suffix in suffixes])
+        return DraftScores(target_logits, [len(suffix) for suffix in suffixes],
+                           _after_prompts(logits[len(seqs):], admitted) if admitted else None)
 
-    def _features(self, seqs: list[Sequence], num_kept: list[int]) -> TargetFeatures | None:
-        features = self.runner.last_features  # [B, T, L*H] in the order of seqs
+    def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor, first_row: int) -> VerifyOutput:
+        """The prefill's verdict (an empty-draft verification of the logits after each prompt,
+        `[N, V]`), with the prompts' captured layers from row `first_row` of the last forward."""
+        result = _verify(seqs, DraftProposal.empty(len(seqs)), logits[:, None])
+        num_kept = [len(seq.request.prompt_token_ids) for seq in seqs]
+        return VerifyOutput(result, self._features(seqs, num_kept, first_row))
+
+    def _features(self, seqs: list[Sequence], num_kept: list[int], first_row: int = 0) -> TargetFeatures | None:
+        features = self.runner.last_features  # [rows, T, L*H] in the order of the last forward's feed
         if features is None:
             return None
-        return {seq.seq_id: features[row, :kept] for row, (seq, kept) in enumerate(zip(seqs, num_kept))}
+        return {seq.seq_id: features[first_row + row, :kept]
+                for row, (seq, kept) in enumerate(zip(seqs, num_kept))}
 
     def sync(self, seqs: list[Sequence]) -> None:
         self.runner.sync({seq.seq_id: seq.token_ids for seq in seqs})
 
     def remove(self, seq_ids: list[int]) -> None:
         self.runner.remove(seq_ids)
+
+
+def _after_prompts(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """`[N, T, V]` logits of prompt rows -> `[N, V]` after each prompt's last token."""
+    ends = torch.tensor([len(seq.request.prompt_token_ids) - 1 for seq in seqs], dtype=torch.long)
+    return logits[torch.arange(len(seqs)), ends]
 
 
 def _verify(seqs: list[Sequence], proposal: DraftProposal, target_logits: torch.Tensor) -> VerificationResult:

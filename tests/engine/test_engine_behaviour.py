@@ -397,6 +397,47 @@ def test_cache_select_and_merge(tiny, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_joined_rows_prefill_in_a_forward_beside_other_rows(tiny, arch):
+    """`join` gives new sequences empty rows; one forward then prefills them while other rows
+    append their tokens (the engine's fused prefill), and every row ends as a fresh prefill would."""
+    model = tiny(arch).target
+    runner = filled_runner(model)
+    runner.cache.truncate(0, 6)  # a hole in row 0, as a rejected draft leaves
+    runner.join([5, 6])
+    assert runner.cache.num_rows == 5 and runner.cached_tokens(5) == []
+
+    logits = runner.forward({5: list(range(60, 80)), 0: [16], 6: [51, 52]})  # [3, T, V] in that order
+
+    torch.testing.assert_close(logits[0, 19], fresh_next_logits(model, list(range(60, 80))), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[2, 1], fresh_next_logits(model, [51, 52]), atol=1e-4, rtol=1e-4)
+    assert_rows_match_fresh_prefill(runner, model, {0: SEQS[0] + [16, 16], 1: SEQS[1], 2: SEQS[2] + [40],
+                                                    5: list(range(60, 80)), 6: [51, 52]})
+    with pytest.raises(ValueError, match="already present"):
+        runner.join([6])
+
+
+@pytest.mark.parametrize("fused_prefill, forwards_per_admitting_step", [(True, 1), (False, 2)])
+def test_an_admission_beside_running_sequences_costs_no_forward_of_its_own(tiny, fused_prefill,
+                                                                          forwards_per_admitting_step):
+    models = tiny("qwen3_moe")
+    engine = make_engine(models.target, make_drafter("model-off", models.target, models.draft, 3), 3)
+    engine.fused_prefill = fused_prefill
+    forwards = []
+    forward = engine.verifier.runner._forward
+    engine.verifier.runner._forward = lambda cache, token_lists: forwards.append(len(token_lists)) or forward(
+        cache, token_lists)
+    engine.add_request(GenerationRequest(PROMPT, max_tokens=20))
+    engine.step()  # nothing runs yet: the prefill is the step
+    engine.step()
+    assert len(forwards) == 2
+    late = engine.add_request(GenerationRequest([40, 41, 42], max_tokens=20))
+    engine.step()
+
+    assert len(forwards) == 2 + forwards_per_admitting_step
+    assert len(late.output_token_ids) == 1 and late in engine.running  # its first token, from that step
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cache_compact(tiny, arch):
     model = tiny(arch).target
     runner = filled_runner(model)

@@ -217,23 +217,33 @@ def test_a_step_is_timed_from_the_end_of_the_last_one_but_not_across_idleness(ti
     assert policy.seconds[-1] < 0.2
 
 
-def test_a_step_is_not_timed_through_its_admissions(tiny) -> None:
-    """A prefill costs the same whichever mode the step runs in: it must not decide a verdict."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_step_is_not_timed_through_its_admissions(tiny, fused: bool) -> None:
+    """A prefill costs the same whichever mode the step runs in: it must not decide a verdict.
+    Prefilled in a forward of its own, it is left out of the step's time; prefilled in the
+    verification's forward (fused), the step is left out."""
     models = tiny("llama")
     engine = make_engine(models.target, make_drafter("echo", models.target, models.draft, 3), 3)
     engine.governor = policy = Timed()
-    prefill = engine.verifier.add
+    engine.fused_prefill = fused
+    prefill, verify_and_add = engine.verifier.add, engine.verifier.verify_and_add
 
     def slow_prefill(seqs):
         time.sleep(0.2)
         return prefill(seqs)
 
+    def slow_verify_and_add(seqs, proposal, admitted):
+        time.sleep(0.2 if admitted else 0)
+        return verify_and_add(seqs, proposal, admitted)
+
     engine.add_request(GenerationRequest([5, 6, 7], max_tokens=32))
     engine.step()  # admission only
-    engine.verifier.add = slow_prefill
+    engine.verifier.add, engine.verifier.verify_and_add = slow_prefill, slow_verify_and_add
     engine.add_request(GenerationRequest([8, 9], max_tokens=32))
     engine.step()  # admits the second while the first speculates
-    assert len(policy.seconds) == 1 and policy.seconds[0] < 0.2
+    assert len(policy.seconds) == (0 if fused else 1) and all(seconds < 0.2 for seconds in policy.seconds)
+    engine.step()
+    assert len(policy.seconds) == (1 if fused else 2) and policy.seconds[-1] < 0.2
 
 
 class Limited(Alternating):

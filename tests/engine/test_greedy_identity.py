@@ -96,11 +96,13 @@ SCHEDULE = {
 }
 
 
+@pytest.mark.parametrize("fused_prefill", [True, False])  # prompts prefilled in the verification's forward, or apart
 @pytest.mark.parametrize("drafter", ["model-off", "ngram"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_continuous_batching_equals_target_alone(tiny, reference, arch, drafter):
+def test_continuous_batching_equals_target_alone(tiny, reference, arch, drafter, fused_prefill):
     models = tiny(arch)
     engine = make_engine(models.target, make_drafter(drafter, models.target, models.draft, 3), 3, max_batch_size=4)
+    engine.fused_prefill = fused_prefill
     added, finished_at, batch_sizes = [], {}, []
     step = 0
     while engine.has_unfinished() or step <= max(SCHEDULE):

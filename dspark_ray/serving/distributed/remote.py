@@ -142,6 +142,12 @@ class RemoteVerifier:
         self.known.mark(seqs)
         return self._output(response.results, seqs, proposal.draft_token_ids.shape[1])
 
+    def verify_and_add(self, seqs: list[Sequence], proposal: DraftProposal, admitted: list[Sequence]
+                       ) -> tuple[VerifyOutput, VerifyOutput | None]:
+        """Two calls: the workers' protocol prefills and verifies apart."""
+        added = self.add(admitted) if admitted else None
+        return self.verify(seqs, proposal), added
+
     def sync(self, seqs: list[Sequence]) -> None:
         """Inline: the next Verify carries the commits. Otherwise send them now."""
         if self.inline_sync:
