@@ -12,7 +12,9 @@ The child is started with `python -m dspark_ray.serving.engine_process` (not mul
 spawn, which would re-import the Ray worker's main module) and talks over two pipes:
 - commands in: first `(EngineConfig, torch threads, CPU ids or None)`, then `EngineLoop` commands;
 - events out: `("ready", context_limit)` or `("failed", traceback)` once, then
-  `("delta", ticket, delta)` and `("active", number of sequences)` when that number changes.
+  `("deltas", [(ticket, delta), ...])`, one message for all of a loop iteration's deltas (a step
+  of 16 sequences: one pickle and one wake-up of the replica's reader, not 16), and
+  `("active", number of sequences)` when that number changes.
 It pins itself to the CPU ids when given, builds the engine from the config, runs `EngineLoop` on
 its main thread, and exits when the replica closes its end or dies.
 """
@@ -104,8 +106,8 @@ class EngineProcess:
         try:
             while True:
                 kind, *detail = self._events.recv()
-                if kind == "delta":
-                    server.deliver(*detail)
+                if kind == "deltas":
+                    server.deliver_all(detail[0])
                 else:
                     self._num_active = detail[0]
         except (EOFError, OSError):
@@ -148,15 +150,19 @@ def main(commands_fd: int, events_fd: int) -> int:
             reported = loop.num_active
             events.send(("active", reported))
 
-    def send(ticket: int, delta: CompletionDelta) -> None:
-        report_active()  # a request's first delta never arrives before the count that holds it
-        events.send(("delta", ticket, delta))
+    pending: list[tuple[int, CompletionDelta]] = []
 
-    loop = EngineLoop(engine, decode, send)
+    def flush() -> None:
+        report_active()  # a running request's delta never arrives before the count that holds it
+        if pending:
+            events.send(("deltas", pending.copy()))
+            pending.clear()
+
+    loop = EngineLoop(engine, decode, lambda ticket, delta: pending.append((ticket, delta)))
 
     try:
         loop.run(lambda timeout: commands.recv() if commands.poll(timeout) else None,
-                 keep_going=lambda: True, after_iteration=report_active)
+                 keep_going=lambda: True, after_iteration=flush)
     except (EOFError, OSError):  # the replica closed its end, or died
         pass
     return 0

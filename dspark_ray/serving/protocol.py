@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dspark_ray.core.sampling import SamplingParams
 
@@ -41,3 +41,7 @@ class CompletionDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     stats: SpeculativeStats | None = None
+
+    def followed_by(self, later: CompletionDelta) -> CompletionDelta:
+        """This delta and the next one of the same completion, as one."""
+        return replace(later, token_ids=self.token_ids + later.token_ids, text=self.text + later.text)

@@ -1,0 +1,67 @@
+"""`ModelServer` without Ray or an engine: deltas that queue up while the stream's reader is busy
+leave as one piece, and a reader that keeps up gets every delta as it came."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dspark_ray.serving.model_server import ModelServer
+from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest, SpeculativeStats
+
+STATS = SpeculativeStats(num_steps=3, num_draft_tokens=6, num_accepted_tokens=4, num_accepted_per_position=[2, 2])
+
+
+class ScriptedRunner:
+    """Takes commands; the test delivers the deltas."""
+    context_limit = 128
+    num_active = 0
+
+    def start(self, server: ModelServer) -> None:
+        self.commands = []
+
+    def submit(self, command) -> None:
+        self.commands.append(command)
+
+    def is_alive(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+def deltas() -> list[CompletionDelta]:
+    pieces = [([5], "a"), ([6, 7], "bc"), ([8], "d")]
+    made = [CompletionDelta("r", tokens, text, 4, 1 + index) for index, (tokens, text) in enumerate(pieces)]
+    return made + [CompletionDelta("r", [9], "e", 4, 5, finish_reason="length", stats=STATS)]
+
+
+async def read(server: ModelServer, deliver_all_at_once: bool) -> list[CompletionDelta]:
+    stream = server.generate(CompletionRequest("r", [1, 2, 3, 4]))
+    received = []
+    pending = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # the request is submitted and its queue open
+    for delta in deltas():
+        server.deliver(0, delta)
+        if not deliver_all_at_once:
+            received.append(await pending)
+            pending = asyncio.ensure_future(anext(stream, None))
+    received.append(await pending)  # all at once: the only one; else None, the end of the stream
+    return [delta for delta in received if delta is not None]
+
+
+def test_deltas_that_queued_up_leave_as_one() -> None:
+    server = ModelServer(ScriptedRunner())
+
+    (merged,) = asyncio.run(read(server, deliver_all_at_once=True))
+
+    assert merged == CompletionDelta("r", [5, 6, 7, 8, 9], "abcde", 4, 5, finish_reason="length", stats=STATS)
+    assert [kind for kind, _, _ in server.runner.commands] == ["add", "abort"]
+
+
+def test_a_reader_that_keeps_up_gets_every_delta() -> None:
+    server = ModelServer(ScriptedRunner())
+
+    received = asyncio.run(read(server, deliver_all_at_once=False))
+
+    assert received == deltas()
+    assert [kind for kind, _, _ in server.runner.commands] == ["add", "abort"]
