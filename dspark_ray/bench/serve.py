@@ -310,7 +310,11 @@ def format_served_vs_in_process(result: dict[str, Any]) -> str:
 def baseline_app(kind: str, speculative: AppConfig) -> tuple[str, AppConfig]:
     """The app the speculative one is compared with, and its name: the target alone
     ('target-only'), the same engine stepped on a thread of its replica ('engine-thread'), or the
-    same app with its router placed the other way ('other-router': colocate_router toggled)."""
+    same app with its router placed the other way ('other-router': colocate_router toggled), or
+    with its prompts prefilled the other way ('other-prefill': fused_prefill toggled)."""
+    if kind == "other-prefill":
+        return "other_prefill", speculative.model_copy(update={"engine": speculative.engine.model_copy(
+            update={"fused_prefill": not speculative.engine.fused_prefill})})
     if kind == "other-router":
         return "other_router", speculative.model_copy(update={"colocate_router": not speculative.colocate_router})
     if kind == "engine-thread":
@@ -390,10 +394,11 @@ def add_parser(subparsers) -> None:
                         help="print two earlier results side by side (ratios B / A) and exit")
     parser.add_argument("--launch", action="store_true",
                         help="start a local Ray Serve with speculative and target-only apps and compare them")
-    parser.add_argument("--baseline", choices=["target-only", "engine-thread", "other-router"], default="target-only",
+    parser.add_argument("--baseline", choices=["target-only", "engine-thread", "other-router", "other-prefill"],
+                        default="target-only",
                         help="--launch: the app the speculative one is compared with: the target alone, the "
                              "same engine stepped on a thread of its replica instead of in a process of its own, "
-                             "or the same app with --colocate-router toggled")
+                             "or the same app with --colocate-router or --fused-prefill toggled")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (--launch)")
     parser.add_argument("--repetitions", type=int, default=1,
                         help="--launch: interleaved runs of both apps; each level reports the median run")

@@ -124,5 +124,8 @@ def test_launch_baselines() -> None:
     assert thread.workers.engine_process is False and thread.workers.engine_cpus is None
     name, other = baseline_app("other-router", speculative)
     assert name == "other_router" and other.colocate_router is True and other.engine == speculative.engine
+    name, unfused = baseline_app("other-prefill", speculative)
+    assert name == "other_prefill" and unfused.engine.fused_prefill is False
+    assert unfused.engine.drafter == "dspark" and unfused.colocate_router is False
     assert speculative.workers.engine_process is True  # the speculative app itself is untouched
-    assert speculative.colocate_router is False
+    assert speculative.colocate_router is False and speculative.engine.fused_prefill is True
