@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspark_ray.bench import distributed, offline, serve
+from dspark_ray.bench import admission, distributed, offline, serve
 
 
 def add_parser(subparsers) -> None:
@@ -11,3 +11,4 @@ def add_parser(subparsers) -> None:
     offline.add_parser(benches)
     serve.add_parser(benches)
     distributed.add_parser(benches)
+    admission.add_parser(benches)

@@ -3,8 +3,9 @@
 Each step: (1) admit waiting requests, (2) the drafter proposes up to `num_speculative_tokens`
 tokens per running sequence, (3) the verifier scores the drafts of all running sequences in ONE
 target forward (ragged lengths) and applies the lossless rule of `dspark_ray.core.verification`;
-the same forward prefills the admitted prompts, whose logits give their first tokens (a mixed
-batch; `fused_prefill=False` prefills them in a forward of their own first), (4) stop rules append
+the same forward prefills the admitted prompts of up to `FUSED_PREFILL_MAX_TOKENS` tokens, whose
+logits give their first tokens (a mixed batch; longer prompts, and all with `fused_prefill=False`,
+are prefilled in a forward of their own first), (4) stop rules append
 the kept tokens, (5) target and drafter caches roll back to what was committed, finished sequences
 leave.
 
@@ -22,6 +23,15 @@ from dspark_ray.engine.governor import DraftingPolicy
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import Verifier, VerifyOutput
+
+
+# The longest prompt prefilled in a verification's forward. Attention keeps each row's padded layout
+# (engine.packed_forward), so a prompt of T tokens pads every row of that forward to T queries: on
+# the bundled CPU target, beside 15 running sequences, a prompt of 4-16 tokens cost the step 9-24 ms
+# fused against 26-35 ms in a forward of its own, one of 32 tokens 49 against 43, one of 128 320
+# against 88 (measured with `dspark-ray bench admission`'s step costs, the limit lifted). Longer
+# prompts are prefilled apart.
+FUSED_PREFILL_MAX_TOKENS = 16
 
 
 class SpeculativeEngine:
@@ -59,15 +69,19 @@ class SpeculativeEngine:
     def step(self) -> list[Sequence]:
         """Advance every sequence by one verification; returns those that finished."""
         start = self._last_step_end or time.perf_counter()
-        fused = self.fused_prefill and bool(self.running)  # else nothing to prefill beside: a forward of its own
-        admission_start = time.perf_counter()
-        admitted = self._take_waiting() if fused else self.admit()
-        if not fused:
+        beside = self.fused_prefill and bool(self.running)  # running sequences a prefill can join
+        admitted = self._take_waiting()
+        fuses = [beside and len(seq.request.prompt_token_ids) <= FUSED_PREFILL_MAX_TOKENS for seq in admitted]
+        fused = [seq for seq, fuse in zip(admitted, fuses) if fuse]
+        apart = [seq for seq, fuse in zip(admitted, fuses) if not fuse]
+        if apart:
+            admission_start = time.perf_counter()
+            self.introduce(apart, self._prefill_now(apart))
             start += time.perf_counter() - admission_start  # the governor's timing leaves prefills out
         new = {seq.seq_id for seq in admitted}
         verified = [seq for seq in self.running if seq.seq_id not in new]
         if verified:
-            self._verify_step(verified, admitted if fused else [], start)
+            self._verify_step(verified, fused, start)
         return self.retire()
 
     def _verify_step(self, seqs: list[Sequence], admitted: list[Sequence], start: float) -> None:
@@ -117,9 +131,13 @@ class SpeculativeEngine:
         admitted = self._take_waiting()
         if not admitted:
             return [], None
+        return admitted, self._prefill_now(admitted)
+
+    def _prefill_now(self, admitted: list[Sequence]) -> TargetFeatures | None:
+        """Prefill in a forward of their own; their captured target layers (DSpark) or None."""
         output = self.verifier.add(admitted)
         self._append_first_tokens(admitted, output)
-        return admitted, output.target_features
+        return output.target_features
 
     def welcome(self, admitted: list[Sequence], output: VerifyOutput) -> None:
         """Both halves of admitting, after a forward that prefilled `admitted` (`output`)."""

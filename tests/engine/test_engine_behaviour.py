@@ -9,6 +9,7 @@ import torch
 from dspark_ray.config import EngineConfig
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.drafters.ngram import lookup_continuation
+from dspark_ray.engine.engine import FUSED_PREFILL_MAX_TOKENS
 from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import ModelLoadError, check_shared_vocabulary
@@ -416,8 +417,12 @@ def test_joined_rows_prefill_in_a_forward_beside_other_rows(tiny, arch):
         runner.join([6])
 
 
-@pytest.mark.parametrize("fused_prefill, forwards_per_admitting_step", [(True, 1), (False, 2)])
-def test_an_admission_beside_running_sequences_costs_no_forward_of_its_own(tiny, fused_prefill,
+@pytest.mark.parametrize("fused_prefill, prompt_length, forwards_per_admitting_step", [
+    (True, FUSED_PREFILL_MAX_TOKENS, 1),  # prefilled in the verification's forward
+    (True, FUSED_PREFILL_MAX_TOKENS + 1, 2),  # too long to pad every row to: a forward of its own
+    (False, 3, 2),
+])
+def test_an_admission_beside_running_sequences_costs_no_forward_of_its_own(tiny, fused_prefill, prompt_length,
                                                                           forwards_per_admitting_step):
     models = tiny("qwen3_moe")
     engine = make_engine(models.target, make_drafter("model-off", models.target, models.draft, 3), 3)
@@ -430,11 +435,14 @@ def test_an_admission_beside_running_sequences_costs_no_forward_of_its_own(tiny,
     engine.step()  # nothing runs yet: the prefill is the step
     engine.step()
     assert len(forwards) == 2
-    late = engine.add_request(GenerationRequest([40, 41, 42], max_tokens=20))
+    late = engine.add_request(GenerationRequest(list(range(40, 40 + prompt_length)), max_tokens=20))
     engine.step()
 
     assert len(forwards) == 2 + forwards_per_admitting_step
     assert len(late.output_token_ids) == 1 and late in engine.running  # its first token, from that step
+    while engine.has_unfinished():
+        engine.step()
+    assert late.output_token_ids == greedy_reference(models.target, list(range(40, 40 + prompt_length)), 20)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
