@@ -1,4 +1,5 @@
-"""`dspark-ray bench admission`: what a new prompt costs a running batch, fused or prefilled apart.
+"""`dspark-ray bench admission`: what a new prompt costs a running batch, fused or prefilled apart
+(both ways always run; `--fused-prefill` is ignored).
 
 In-process, no Ray. Two figures for each way of admitting (`fused_prefill` on and off):
 - step cost: a batch of `batch_size - 1` running greedy sequences; the median time of a plain
