@@ -75,6 +75,7 @@ def test_requests_joining_and_leaving_mid_run(tiny_targets, tiny_dspark, referen
 
     assert_identical(reference, arch, seqs)
     assert engine.drafter.cache._lengths == {}  # every finished sequence was released
+    assert all(engine.drafter.pending.length(seq.seq_id) == 0 for seq in seqs)  # with its unprojected features
 
 
 def test_factory_builds_dspark_engine_from_directories(tiny_targets, tiny_dspark, reference):
