@@ -81,11 +81,7 @@ def test_the_governor_times_a_short_draft_length_against_the_full_one() -> None:
     and keeps the faster; on/off explorations draft at the length it prefers, the short one before
     its first verdict. Here drafting pays, and half the drafts pay more."""
     governor = SpeculationGovernor(short_limit=4, window=1, exploit_windows=1)
-    rate = {0: 10, None: 12, 4: 20}
-    limits = []
-    for _ in range(24):
-        limits.append(governor.draft_limit(16))
-        governor.record(16, limits[-1], num_tokens=rate[limits[-1]], seconds=1.0)
+    limits = governed_limits(governor, {0: 10, None: 12, 4: 20})
     assert limits[:2] == [0, 4]  # the target alone first, then drafting at the short length
     assert None in limits  # the full length is timed too, while drafting runs
     assert None not in limits[limits.index(None) + 2:]  # once the short length won, drafting uses it
@@ -96,14 +92,19 @@ def test_the_governor_times_a_short_draft_length_against_the_full_one() -> None:
 def test_the_full_length_wins_when_it_pays_more() -> None:
     """Drafting at the short length first; the full one, timed while drafting runs, takes over."""
     governor = SpeculationGovernor(short_limit=4, window=1, exploit_windows=1)
-    rate = {0: 10, None: 20, 4: 12}
-    limits = []
-    for _ in range(24):
-        limits.append(governor.draft_limit(16))
-        governor.record(16, limits[-1], num_tokens=rate[limits[-1]], seconds=1.0)
+    limits = governed_limits(governor, {0: 10, None: 20, 4: 12})
     assert limits[:2] == [0, 4]
     assert limits[-8:] == [None] * 8
     assert governor.length_rates() == {16: {True: 20.0, False: 12.0}}
+
+
+def governed_limits(governor: SpeculationGovernor, rate: dict, num_steps: int = 24) -> list:
+    """The draft limits of `num_steps` steps of a batch of 16 whose tokens per second depend on it."""
+    limits = []
+    for _ in range(num_steps):
+        limits.append(governor.draft_limit(16))
+        governor.record(16, limits[-1], num_tokens=rate[limits[-1]], seconds=1.0)
+    return limits
 
 
 def governed_runs(governor: SpeculationGovernor, num_steps: int, drafting_rate: int, plain_rate: int) -> list:
