@@ -33,7 +33,7 @@ class PendingFeatures:
         excess = self.length(seq_id) - num_tokens
         if excess <= 0:
             return
-        if excess >= self._lengths[seq_id]:
+        if num_tokens <= 0:
             self.remove(seq_id)
             return
         chunks = self._chunks[seq_id]

@@ -11,9 +11,10 @@ a CPU, 4 drafts per step beat 8 where 8 only broke even); the on/off exploration
 the length that chooser prefers (on worker actors, mixing both lengths into them made drafting look
 closer to the target alone than it is, and the governor kept re-exploring), and at the short one
 until it has a verdict: a new bucket's first explorations then cost little where drafting loses
-(in-process DSpark at c=16 on a CPU: drafting blocks of 8 ran at 0.78x of the target alone, of 4
-at 0.99x), and where it pays the length chooser soon finds whether the full length pays more. Drafting off is the target alone: never different,
-and never slower than it by more than the exploration costs.
+(in-process DSpark at c=16 on a CPU, drafting forced to 8 ran at 0.78x of the target alone, to 4
+at 0.99x), and where drafting pays the length chooser soon finds whether the full length pays
+more. Drafting off is the target alone: never different, and never slower than it by more than
+the exploration costs.
 
 Only greedy sequences are governed: a sampled sequence's random draws follow its drafts, so
 switching its drafting on timing would make seeded outputs depend on the machine's speed.

@@ -4,8 +4,8 @@ The drafter keeps, per sequence, the context keys/values of every token the targ
 computed from the target's captured layers (fed in `add` and `on_verified`) once per token: the
 features wait (`PendingFeatures`) until the sequence next drafts, and a proposal projects those of
 all its rows in one batch. While drafting is off (the load-aware governor, at high load) the
-context therefore costs no projection. A proposal drafts up to `min(budget, block_size)` tokens per sequence
-from `softmax(processed(U_k + B_k))`, processed by the same `logits_to_probs` as the target's
+context therefore costs no projection. A proposal drafts up to `min(budget, block_size)` tokens
+per sequence from `softmax(processed(U_k + B_k))`, processed by the same `logits_to_probs` as the target's
 logits, and returns exactly those distributions with the tokens (greedy rows take the argmax of
 `U_k + B_k`), plus the confidence head's logits.
 
@@ -88,7 +88,8 @@ class DSparkDrafter:
         if not taken:
             return
         starts = [self.cache.length(seq_id) for seq_id, _ in taken]
-        positions = torch.cat([torch.arange(start, start + len(features)) for start, (_, features) in zip(starts, taken)])
+        positions = torch.cat([torch.arange(start, start + len(features))
+                               for start, (_, features) in zip(starts, taken)])
         device = self.model.mask_embedding.device
         features = torch.cat([features for _, features in taken]).to(device)
         entries = self.model.context_kv(features, positions.to(device))  # [N, layers, 2, D]
@@ -97,8 +98,9 @@ class DSparkDrafter:
         self.num_context_tokens_processed.append(len(positions))
 
     def _ready(self, seq: Sequence) -> bool:
-        context = self.cache.length(seq.seq_id) + self.pending.length(seq.seq_id)
-        return seq.seq_id in self.cache and context == seq.num_tokens - 1
+        if seq.seq_id not in self.cache:
+            return False
+        return self.cache.length(seq.seq_id) + self.pending.length(seq.seq_id) == seq.num_tokens - 1
 
     @torch.no_grad()
     def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
