@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspark_ray.bench import admission, distributed, offline, serve
+from dspark_ray.bench import admission, distributed, load, offline, serve
 
 
 def add_parser(subparsers) -> None:
@@ -12,3 +12,4 @@ def add_parser(subparsers) -> None:
     serve.add_parser(benches)
     distributed.add_parser(benches)
     admission.add_parser(benches)
+    load.add_parser(benches)
