@@ -92,10 +92,12 @@ class EngineConfig(FrozenModel):
     fused_prefill: bool = Field(
         True,
         description=(
-            "Prefill newly admitted prompts of up to 16 tokens in the same target forward as the running "
-            "sequences' verification (a mixed batch, as vLLM's and SGLang's schedulers build), instead of a "
-            "forward of their own before it; longer prompts, which would pad every row's attention to their "
-            "length, still get their own. On the worker actors' path the target always prefills in a call of "
+            "Prefill newly admitted prompts in the same target forward as the running sequences' "
+            "verification (a mixed batch, as vLLM's and SGLang's schedulers build), instead of a forward of "
+            "their own before it: prompts of up to 64 tokens with packed forwards (they attend apart from the "
+            "other rows; for an MLA target no longer than absorbed attention pays for, 63 on the bundled one), "
+            "of up to 16 with padded forwards (a prompt pads every row's attention to its length); longer "
+            "prompts still get their own. On the worker actors' path the target always prefills in a call of "
             "its own. Off: every prompt in a forward of its own."
         ),
     )

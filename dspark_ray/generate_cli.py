@@ -43,8 +43,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str =
                              "linear layers and experts)")
     parser.add_argument("--fused-prefill", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.model_fields["fused_prefill"].default,
-                        help="prefill newly admitted prompts of up to 16 tokens in the same target forward "
-                             "as the running sequences' verification")
+                        help="prefill newly admitted prompts in the same target forward as the running "
+                             "sequences' verification (up to 64 tokens with packed forwards, 16 without)")
     parser.add_argument("--absorbed-mla", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.model_fields["absorbed_mla"].default,
                         help="MLA targets (DeepSeek-V3): attend over the cached latents with kv_b_proj absorbed, "

@@ -3,9 +3,9 @@
 Each step: (1) admit waiting requests, (2) the drafter proposes up to `num_speculative_tokens`
 tokens per running sequence, (3) the verifier scores the drafts of all running sequences in ONE
 target forward (ragged lengths) and applies the lossless rule of `dspark_ray.core.verification`;
-the same forward prefills the admitted prompts of up to `FUSED_PREFILL_MAX_TOKENS` tokens, whose
-logits give their first tokens (a mixed batch; longer prompts, and all with `fused_prefill=False`,
-are prefilled in a forward of their own first), (4) stop rules append the kept tokens, (5) target
+the same forward prefills the admitted prompts of up to the verifier's `fused_prompt_limit` tokens,
+whose logits give their first tokens (a mixed batch; longer prompts, and all with
+`fused_prefill=False`, are prefilled in a forward of their own first), (4) stop rules append the kept tokens, (5) target
 and drafter caches roll back to what was committed, finished sequences leave.
 
 The engine owns the authoritative per-sequence state. It knows token ids only; text enters
@@ -22,15 +22,6 @@ from dspark_ray.engine.governor import DraftingPolicy
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import Verifier, VerifyOutput
-
-
-# The longest prompt prefilled in a verification's forward. Attention keeps each row's padded layout
-# (engine.packed_forward), so a prompt of T tokens pads every row of that forward to T queries: on
-# the bundled CPU target, beside 15 running sequences, a prompt of 4-16 tokens cost the step 9-24 ms
-# fused against 26-35 ms in a forward of its own, one of 32 tokens 49 against 43, one of 128 320
-# against 88 (measured with `dspark-ray bench admission`'s step costs, the limit lifted). Longer
-# prompts are prefilled apart.
-FUSED_PREFILL_MAX_TOKENS = 16
 
 
 class SpeculativeEngine:
@@ -70,7 +61,8 @@ class SpeculativeEngine:
         start = self._last_step_end or time.perf_counter()
         beside = self.fused_prefill and bool(self.running)  # running sequences a prefill can join
         admitted = self._take_waiting()
-        fuses = [beside and len(seq.request.prompt_token_ids) <= FUSED_PREFILL_MAX_TOKENS for seq in admitted]
+        limit = self.verifier.fused_prompt_limit
+        fuses = [beside and len(seq.request.prompt_token_ids) <= limit for seq in admitted]
         fused = [seq for seq, fuse in zip(admitted, fuses) if fuse]
         apart = [seq for seq, fuse in zip(admitted, fuses) if not fuse]
         if apart:

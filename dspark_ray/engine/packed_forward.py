@@ -8,6 +8,11 @@ row `[1, N]` (the way vLLM flattens a batch) and restores the padded per-row lay
 must stay apart: the KV cache update and attention, which keep `BatchKVCache`'s layout and mask
 unchanged. Padded positions then cost attention (cheap next to the experts) and nothing else.
 
+Attention runs in groups of rows: the rows of up to `SHORT_ROW_QUERIES` new tokens (decode and
+verification rows: 1 + drafts) attend with their own query count and keys, and the longer rows
+(prompts prefilled beside them, `engine.fused_prefill`) with theirs. A 60-token prompt in the batch
+then costs the other rows no padded queries and no keys past their own new slots.
+
 How it hooks into an HF model, with no model code of ours: its attention implementation becomes
 `dspark_packed` (sdpa, unpacking queries and packing outputs while a `Packing` is active, plain
 sdpa otherwise), and the runner's cache is a `PackedDynamicCache`, whose `update` unpacks new keys
@@ -29,21 +34,27 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from dspark_ray.engine.absorbed_mla import absorbed_attention, absorbs
 
 PACKED_ATTENTION = "dspark_packed"
+SHORT_ROW_QUERIES = 8  # rows with more new tokens than this (prompts) attend in a group of their own
+
+Rows = slice | torch.Tensor  # a group's rows: a slice where they are contiguous (views, no copies)
 
 
 @dataclass(frozen=True)
 class Packing:
     """Where the real tokens of a padded `[B, T]` batch sit: `flat_index[i]` is token i's index in
-    the flattened padded batch, in row-major order."""
+    the flattened padded batch, in row-major order. `groups`: the rows that attend together and the
+    query count they attend with; None when all rows attend as one padded batch."""
     num_rows: int
     num_positions: int
     flat_index: torch.Tensor  # [N] int64
+    groups: tuple[tuple[Rows, int], ...] | None = None
 
     @classmethod
     def of(cls, query_valid: torch.Tensor, device: torch.device) -> "Packing":
         """From the padded batch's `[B, T]` mask of real tokens."""
         num_rows, num_positions = query_valid.shape
-        return cls(num_rows, num_positions, query_valid.reshape(-1).nonzero().squeeze(1).to(device))
+        return cls(num_rows, num_positions, query_valid.reshape(-1).nonzero().squeeze(1).to(device),
+                   attention_groups(query_valid.sum(1).tolist(), device))
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """`[B, T, ...]` -> `[1, N, ...]`."""
@@ -58,6 +69,22 @@ class Packing:
     def unpack_heads(self, packed: torch.Tensor) -> torch.Tensor:
         """`[1, H, N, D]` -> `[B, H, T, D]` (the layout of attention inputs and cache updates)."""
         return self.unpack(packed.transpose(1, 2)).transpose(1, 2)
+
+
+def attention_groups(num_queries: list[int], device: torch.device) -> tuple[tuple[Rows, int], ...] | None:
+    """Short rows apart from long ones, each group with its longest row's query count; None when
+    either kind is missing (one group, the padded batch as it is)."""
+    short = [row for row, count in enumerate(num_queries) if count <= SHORT_ROW_QUERIES]
+    long = [row for row, count in enumerate(num_queries) if count > SHORT_ROW_QUERIES]
+    if not short or not long:
+        return None
+    return tuple((_rows(rows, device), max(num_queries[row] for row in rows)) for rows in (short, long))
+
+
+def _rows(rows: list[int], device: torch.device) -> Rows:
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 _active: ContextVar[Packing | None] = ContextVar("dspark_packing", default=None)
@@ -81,8 +108,29 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     packing = _active.get()
     if packing is None:
         return attend(module, query, key, value, attention_mask, **kwargs)
-    output, weights = attend(module, packing.unpack_heads(query), key, value, attention_mask, **kwargs)
-    return packing.pack(output), weights
+    query = packing.unpack_heads(query)
+    if packing.groups is None:
+        output, weights = attend(module, query, key, value, attention_mask, **kwargs)
+        return packing.pack(output), weights
+    return packing.pack(_attend_in_groups(attend, module, query, key, value, attention_mask, packing.groups,
+                                          **kwargs)), None
+
+
+def _attend_in_groups(attend, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor, groups: tuple[tuple[Rows, int], ...], **kwargs) -> torch.Tensor:
+    """Each group's queries `[G, H, T_g, D]` over the keys up to its own last new slot (a row's new
+    tokens fill the first of the T new slots); outputs `[B, T, H, D_v]`, zeros past each row's T_g."""
+    num_new = query.shape[2]
+    num_old = key.shape[2] - num_new
+    output = None
+    for rows, num_queries in groups:
+        end = num_old + num_queries
+        part, _ = attend(module, query[rows, :, :num_queries], key[rows, :, :end], value[rows, :, :end],
+                         attention_mask[rows, :, :num_queries, :end], **kwargs)  # [G, T_g, H, D_v]
+        if output is None:
+            output = part.new_zeros(query.shape[0], num_new, *part.shape[2:])
+        output[rows, :num_queries] = part
+    return output
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)

@@ -21,6 +21,18 @@ from dspark_ray.engine.loading import context_limit
 from dspark_ray.engine.packed_forward import Packing, PackedDynamicCache, enable_packing, packed
 
 
+# The longest prompt a forward beside running rows prefills (`engine.fused_prefill`); longer ones get
+# a forward of their own. Padded, a prompt of T tokens pads every row of the forward to T queries:
+# on the bundled CPU target, beside 15 running sequences, one of 4-16 tokens cost the step 9-24 ms
+# fused against 26-35 ms apart, 32 tokens 49 against 43, 128 tokens 320 against 88. Packed, a prompt
+# attends in a group of its own (engine.packed_forward): 16 tokens cost 22 ms fused against 44
+# apart, 32 tokens 30 against 44, 48 tokens 41 against 54. Past 63 tokens the bundled target's
+# forward leaves absorbed MLA (64 tokens: 70 against 57; 128: 126 against 85), and the gain of
+# saving a forward shrinks next to the prompt's own cost, hence the cap.
+FUSED_PROMPT_TOKENS_PADDED = 16
+FUSED_PROMPT_TOKENS_PACKED = 64
+
+
 class CausalLMRunner:
     def __init__(self, model: PreTrainedModel, pad_token_id: int = 0,
                  capture_layers: list[int] | None = None, packed_forwards: bool = True,
@@ -38,8 +50,19 @@ class CausalLMRunner:
         # MLA attends over the cached latents in forwards of up to this many new tokens a row
         # (engine.absorbed_mla); 0: never
         self.absorb_up_to = install_absorption(model) if absorbed_mla and engine_attention else 0
+        self.fused_prompt_limit = self._fused_prompt_limit()
         self.seq_ids: list[int] = []
         self.cache = self._new_cache(0)
+
+    def _fused_prompt_limit(self) -> int:
+        """The longest prompt to prefill beside other rows. An MLA target's forwards attend absorbed
+        only up to `absorb_up_to` new tokens a row; a longer prompt would switch the running rows'
+        attention to the expanded form, so it stays apart."""
+        if not self.packs:
+            return FUSED_PROMPT_TOKENS_PADDED
+        if self.absorb_up_to:
+            return min(FUSED_PROMPT_TOKENS_PACKED, self.absorb_up_to)
+        return FUSED_PROMPT_TOKENS_PACKED
 
     def _new_cache(self, num_rows: int) -> BatchKVCache:
         return BatchKVCache(PackedDynamicCache(config=self.model.config), num_rows)

@@ -35,6 +35,8 @@ class DraftScores:
 
 
 class Verifier(Protocol):
+    fused_prompt_limit: int  # the longest prompt `verify_and_add` prefills in the verification's forward
+
     def add(self, seqs: list[Sequence]) -> VerifyOutput:
         """Prefill prompts; the result holds each sequence's first token (an empty-draft verification)."""
 
@@ -56,6 +58,10 @@ class Verifier(Protocol):
 class TargetVerifier:
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
+
+    @property
+    def fused_prompt_limit(self) -> int:
+        return self.runner.fused_prompt_limit
 
     def add(self, seqs: list[Sequence]) -> VerifyOutput:
         logits = self.prefill(seqs)  # [N, V]

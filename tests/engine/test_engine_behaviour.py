@@ -9,7 +9,6 @@ import torch
 from dspark_ray.config import EngineConfig
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.drafters.ngram import lookup_continuation
-from dspark_ray.engine.engine import FUSED_PREFILL_MAX_TOKENS
 from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import ModelLoadError, check_shared_vocabulary
@@ -417,16 +416,18 @@ def test_joined_rows_prefill_in_a_forward_beside_other_rows(tiny, arch):
         runner.join([6])
 
 
-@pytest.mark.parametrize("fused_prefill, prompt_length, forwards_per_admitting_step", [
-    (True, FUSED_PREFILL_MAX_TOKENS, 1),  # prefilled in the verification's forward
-    (True, FUSED_PREFILL_MAX_TOKENS + 1, 2),  # too long to pad every row to: a forward of its own
-    (False, 3, 2),
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("fused_prefill, beyond_the_limit, forwards_per_admitting_step", [
+    (True, 0, 1),  # prefilled in the verification's forward
+    (True, 1, 2),  # too long: a forward of its own
+    (False, -10, 2),
 ])
-def test_an_admission_beside_running_sequences_costs_no_forward_of_its_own(tiny, fused_prefill, prompt_length,
+def test_an_admission_beside_running_sequences_costs_no_forward_of_its_own(tiny, arch, fused_prefill, beyond_the_limit,
                                                                           forwards_per_admitting_step):
-    models = tiny("qwen3_moe")
+    models = tiny(arch)
     engine = make_engine(models.target, make_drafter("model-off", models.target, models.draft, 3), 3)
     engine.fused_prefill = fused_prefill
+    prompt_length = engine.verifier.fused_prompt_limit + beyond_the_limit
     forwards = []
     forward = engine.verifier.runner._forward
     engine.verifier.runner._forward = lambda cache, token_lists: forwards.append(len(token_lists)) or forward(

@@ -26,6 +26,7 @@ import grpc
 import torch
 
 from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
+from dspark_ray.engine.runner import FUSED_PROMPT_TOKENS_PADDED
 from dspark_ray.engine.sequence import Sequence
 from dspark_ray.engine.verifier import VerifyOutput
 from dspark_ray.serving.distributed import convert
@@ -115,6 +116,10 @@ class _KnownTokens:
 
 
 class RemoteVerifier:
+    # The workers' protocol prefills in a call of its own (`verify_and_add`): a fused admission is one
+    # apart, and prompts are fused only as far as a padded forward would take them.
+    fused_prompt_limit = FUSED_PROMPT_TOKENS_PADDED
+
     def __init__(self, target: TargetGroupHandle, meter: WireMeter, timeout_s: float, recovery_timeout_s: float,
                  inline_sync: bool = True) -> None:
         self.target = target
