@@ -5,8 +5,9 @@ tokens per running sequence, (3) the verifier scores the drafts of all running s
 target forward (ragged lengths) and applies the lossless rule of `dspark_ray.core.verification`;
 the same forward prefills the admitted prompts of up to the verifier's `fused_prompt_limit` tokens,
 whose logits give their first tokens (a mixed batch; longer prompts, and all with
-`fused_prefill=False`, are prefilled in a forward of their own first), (4) stop rules append the kept tokens, (5) target
-and drafter caches roll back to what was committed, finished sequences leave.
+`fused_prefill=False`, are prefilled in a forward of their own first), (4) stop rules append the
+kept tokens, (5) target and drafter caches roll back to what was committed, finished sequences
+leave.
 
 The engine owns the authoritative per-sequence state. It knows token ids only; text enters
 through the optional `decode` of the stop rules.

@@ -50,11 +50,11 @@ class CausalLMRunner:
         # MLA attends over the cached latents in forwards of up to this many new tokens a row
         # (engine.absorbed_mla); 0: never
         self.absorb_up_to = install_absorption(model) if absorbed_mla and engine_attention else 0
-        self.fused_prompt_limit = self._fused_prompt_limit()
         self.seq_ids: list[int] = []
         self.cache = self._new_cache(0)
 
-    def _fused_prompt_limit(self) -> int:
+    @property
+    def fused_prompt_limit(self) -> int:
         """The longest prompt to prefill beside other rows. An MLA target's forwards attend absorbed
         only up to `absorb_up_to` new tokens a row; a longer prompt would switch the running rows'
         attention to the expanded form, so it stays apart."""

@@ -9,12 +9,14 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from dspark_ray.engine import packed_forward
+from dspark_ray.engine.absorbed_mla import crossover_queries
 from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.loading import load_causal_lm
-from dspark_ray.engine import packed_forward
 from dspark_ray.engine.packed_forward import (PACKED_ATTENTION, SHORT_ROW_QUERIES, Packing, attention_groups,
                                               enable_packing)
-from dspark_ray.engine.runner import CausalLMRunner
+from dspark_ray.engine.runner import FUSED_PROMPT_TOKENS_PACKED, FUSED_PROMPT_TOKENS_PADDED, CausalLMRunner
+from dspark_ray.engine.verifier import TargetVerifier
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
 from tiny_models import ARCHITECTURES
 
@@ -184,3 +186,16 @@ def test_the_flag_and_the_config_turn_it_off(flag, field, runner_uses_it):
 
     assert runner_uses_it(build_engine(default, load_models(default)).verifier.runner)
     assert not runner_uses_it(build_engine(config, load_models(config)).verifier.runner)
+
+
+@pytest.mark.parametrize("arch, packs, limit", [
+    ("llama", True, FUSED_PROMPT_TOKENS_PACKED),
+    ("llama", False, FUSED_PROMPT_TOKENS_PADDED),  # a prompt would pad every row to its length
+    ("deepseek_v3", True, crossover_queries(16, 8, 12)),  # no further than absorbed MLA pays (26 < 64)
+])
+def test_the_longest_prompt_fused_beside_other_rows(tiny, arch, packs, limit):
+    runner = CausalLMRunner(tiny(arch).target, 0)
+    runner.packs = packs and runner.packs
+
+    assert runner.fused_prompt_limit == limit
+    assert TargetVerifier(runner).fused_prompt_limit == limit
