@@ -206,7 +206,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
     """Side by side, ratios b / a (b: usually speculative, a: target-only)."""
     name_a, name_b = a.get("label") or a["url"], b.get("label") or b["url"]
     lines = [f"{'concurrency':>11}  {'tok/s ' + name_a:>24}  {'tok/s ' + name_b:>24}  {'ratio':>6}  "
-             f"{'tpot ms a':>9}  {'tpot ms b':>9}  {'accept_len b':>12}"]
+             f"{'tpot ms a':>9}  {'tpot ms b':>9}  {'accept_len b':>12}  ratio per repetition"]
     levels_a = {r["concurrency"]: r for r in a["levels"]}
     for rb in b["levels"]:
         ra = levels_a.get(rb["concurrency"])
@@ -217,8 +217,17 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
         accept = rb["mean_acceptance_length"]
         lines.append(f"{rb['concurrency']:>11}  {ra['output_tokens_per_s']:>24.1f}  {rb['output_tokens_per_s']:>24.1f}"
                      f"  {ratio:>5.2f}x  {tpot_a or float('nan'):>9.1f}  {tpot_b or float('nan'):>9.1f}"
-                     f"  {'-' if accept is None else f'{accept:.2f}':>12}")
+                     f"  {'-' if accept is None else f'{accept:.2f}':>12}  {repetition_ratios(ra, rb)}")
     return "\n".join(lines)
+
+
+def repetition_ratios(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """b / a for each interleaved repetition, in run order ('-' for a single run): the first one
+    on a fresh server is the cold one (a new replica's governor explores at each load level)."""
+    runs_a, runs_b = a.get("output_tokens_per_s_runs", []), b.get("output_tokens_per_s_runs", [])
+    if len(runs_a) < 2 or len(runs_a) != len(runs_b):
+        return "-"
+    return ", ".join(f"{rb / ra:.2f}" if ra else "nan" for ra, rb in zip(runs_a, runs_b))
 
 
 def read_prompts(path: Path | None) -> list[str]:

@@ -101,6 +101,18 @@ def test_repetitions_report_the_median_run_of_each_level() -> None:
     assert merged["levels"][1]["output_tokens_per_s_runs"] == [300, 100, 200]
 
 
+def test_comparison_gives_the_ratio_of_each_repetition_in_run_order() -> None:
+    def report(label, rate):
+        return {"label": label, "levels": [{"concurrency": 16, "output_tokens_per_s": rate, "tpot_ms": {"mean": 1.0},
+                                            "mean_acceptance_length": None}]}
+
+    baseline = median_levels([report("target_only", rate) for rate in (100, 200, 400)])
+    speculative = median_levels([report("speculative", rate) for rate in (300, 100, 200)])
+    row = compare(baseline, speculative).splitlines()[1]
+    assert "1.00x" in row and row.endswith("3.00, 0.50, 0.50")  # medians 200 / 200; per run in order
+    assert compare(report("target_only", 100), report("speculative", 150)).splitlines()[1].endswith("-")
+
+
 def test_cpu_affinity_pins_the_calling_thread_for_a_while() -> None:
     before = os.sched_getaffinity(0)
     cpu = min(before)
