@@ -81,6 +81,18 @@ class EngineConfig(FrozenModel):
         ),
     )
 
+    max_drafting_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Greedy sequences draft only in steps of at most this many sequences; larger steps decode with "
+            "the target alone, with no explorations (vLLM's speculative disable_by_batch_size). For a "
+            "drafter known not to pay above some load. At or below it, load_aware_drafting decides as "
+            "before. Sampled sequences are not capped (their seeded outputs never depend on the batch). "
+            "None: no cap."
+        ),
+    )
+
     packed_forwards: bool = Field(
         True,
         description=(

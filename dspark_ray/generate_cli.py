@@ -37,6 +37,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str =
                         default=EngineConfig.model_fields["load_aware_drafting"].default,
                         help="per batch size, draft greedy sequences only where timing shows drafting pays, "
                              "at the full or half draft length, whichever is faster")
+    parser.add_argument("--max-drafting-batch-size", type=int, default=None, metavar="N",
+                        help="greedy sequences draft only in steps of at most N sequences; larger steps decode "
+                             "with the target alone, with no explorations (default: no cap)")
     parser.add_argument("--packed-forwards", action=argparse.BooleanOptionalAction,
                         default=EngineConfig.model_fields["packed_forwards"].default,
                         help="feed the target's ragged forwards without padding (only real tokens reach its "
@@ -59,7 +62,8 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
                   num_speculative_tokens=args.num_speculative_tokens,
                   adaptive_speculation=args.adaptive_speculation, dtype=args.dtype, device=args.device,
                   verification_schedule=args.verification_schedule, sps_profile=args.sps_profile,
-                  load_aware_drafting=args.load_aware_drafting, packed_forwards=args.packed_forwards,
+                  load_aware_drafting=args.load_aware_drafting,
+                  max_drafting_batch_size=args.max_drafting_batch_size, packed_forwards=args.packed_forwards,
                   fused_prefill=args.fused_prefill, absorbed_mla=args.absorbed_mla)
     if args.draft is not None:  # else EngineConfig's default for the drafter kind
         fields["draft"] = args.draft

@@ -15,7 +15,7 @@ from dspark_ray.engine.drafters.dspark import DSparkDrafter
 from dspark_ray.engine.drafters.ngram import NgramDrafter
 from dspark_ray.engine.drafters.scheduled import ConfidenceScheduledDrafter
 from dspark_ray.engine.engine import SpeculativeEngine
-from dspark_ray.engine.governor import SpeculationGovernor
+from dspark_ray.engine.governor import DraftingCap, DraftingPolicy, SpeculationGovernor
 from dspark_ray.engine.loading import (check_shared_vocabulary, context_limit, load_causal_lm,
                                        load_tokenizer, vocab_size)
 from dspark_ray.engine.runner import CausalLMRunner
@@ -57,12 +57,16 @@ def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngin
     )
 
 
-def drafting_governor(config: EngineConfig) -> SpeculationGovernor | None:
-    """The load-aware drafting switch (and draft length: the full one or half of it), unless there
-    is nothing to switch or it is turned off."""
-    if not config.load_aware_drafting or config.drafter == "none":
+def drafting_governor(config: EngineConfig) -> DraftingPolicy | None:
+    """The load-aware drafting switch (and draft length: the full one or half of it) under the
+    batch-size cap, unless there is nothing to switch or both are off."""
+    if config.drafter == "none":
         return None
-    return SpeculationGovernor(short_limit=config.num_speculative_tokens // 2 or None)
+    governor = (SpeculationGovernor(short_limit=config.num_speculative_tokens // 2 or None)
+                if config.load_aware_drafting else None)
+    if config.max_drafting_batch_size is None:
+        return governor
+    return DraftingCap(config.max_drafting_batch_size, governor)
 
 
 def build_drafter(config: EngineConfig, models: LoadedModels, pad_token_id: int) -> Drafter:

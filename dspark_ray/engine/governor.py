@@ -120,6 +120,25 @@ class SpeculationGovernor:
                                confirming=CONFIRMING)
 
 
+class DraftingCap:
+    """No drafting in steps of more than `max_batch_size` sequences; at or below it, `policy` decides
+    (None: the full length). A fixed rule where the governor measures: it costs no explorations at
+    loads where a drafter is known not to pay."""
+
+    def __init__(self, max_batch_size: int, policy: DraftingPolicy | None = None) -> None:
+        self.max_batch_size = max_batch_size
+        self.policy = policy
+
+    def draft_limit(self, batch_size: int) -> int | None:
+        if batch_size > self.max_batch_size:
+            return 0
+        return None if self.policy is None else self.policy.draft_limit(batch_size)
+
+    def record(self, batch_size: int, draft_limit: int | None, num_tokens: int, seconds: float) -> None:
+        if self.policy is not None and batch_size <= self.max_batch_size:
+            self.policy.record(batch_size, draft_limit, num_tokens, seconds)
+
+
 def bucket_size(batch_size: int) -> int:
     """The batch size rounded up to a power of 2."""
     return 1 << max(0, batch_size - 1).bit_length()

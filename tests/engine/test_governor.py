@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dspark_ray.core.sampling import SamplingParams
-from dspark_ray.engine.governor import SpeculationGovernor
+from dspark_ray.engine.governor import DraftingCap, SpeculationGovernor
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.engine.strategy_chooser import StrategyChooser
 from harness import Alternating, make_drafter, make_engine
@@ -314,3 +314,43 @@ def test_the_engine_flags_turn_load_aware_drafting_off() -> None:
     add_engine_arguments(parser)
     assert engine_config_from_args(parser.parse_args([])).load_aware_drafting is True
     assert engine_config_from_args(parser.parse_args(["--no-load-aware-drafting"])).load_aware_drafting is False
+    assert engine_config_from_args(parser.parse_args([])).max_drafting_batch_size is None
+    assert engine_config_from_args(parser.parse_args(["--max-drafting-batch-size", "8"])).max_drafting_batch_size == 8
+
+
+def test_a_drafting_cap_turns_drafting_off_above_its_batch_size_and_defers_below() -> None:
+    policy = Alternating()
+    cap = DraftingCap(4, policy)
+    assert [cap.draft_limit(5), cap.draft_limit(16)] == [0, 0] and policy.limits == []  # not consulted
+    assert [cap.draft_limit(4), cap.draft_limit(1), cap.draft_limit(2)] == [None, 0, 2]  # the policy's cycle
+    cap.record(16, 0, num_tokens=16, seconds=1.0)
+    cap.record(4, None, num_tokens=9, seconds=1.0)
+    assert policy.recorded == [(True, 9)]  # steps above the cap tell the policy nothing
+    assert DraftingCap(4).draft_limit(4) is None and DraftingCap(4).draft_limit(5) == 0
+
+
+def test_capped_drafting_keeps_the_output_and_drafts_only_below_the_cap(tiny, reference) -> None:
+    models = tiny("llama")
+    engine = make_engine(models.target, make_drafter("echo", models.target, models.draft, 3), 3)
+    engine.governor = DraftingCap(2)
+    seqs = [engine.add_request(GenerationRequest(list(prompt), max_tokens=n)) for prompt, n in zip(PROMPTS, MAX_TOKENS)]
+    while engine.has_unfinished():
+        engine.step()
+    drafted = {n: seq.stats.num_draft_tokens for seq, n in zip(seqs, MAX_TOKENS)}
+    assert [drafted[n] for n in (24, 29, 33)] == [0, 0, 0]  # they finish while more than 2 run
+    assert drafted[36] > 0 and drafted[40] > 0
+    assert_matches_target_alone(tiny, reference, "llama", seqs, PROMPTS, MAX_TOKENS)
+
+
+@pytest.mark.parametrize("load_aware", [True, False])
+def test_the_engine_config_puts_the_governor_under_the_cap(load_aware: bool) -> None:
+    from dspark_ray.config import EngineConfig
+    from dspark_ray.engine.factory import drafting_governor
+
+    config = EngineConfig(drafter="model", load_aware_drafting=load_aware, max_drafting_batch_size=8)
+    policy = drafting_governor(config)
+    assert isinstance(policy, DraftingCap) and policy.max_batch_size == 8
+    assert isinstance(policy.policy, SpeculationGovernor) if load_aware else policy.policy is None
+    uncapped = drafting_governor(config.model_copy(update={"max_drafting_batch_size": None}))
+    assert isinstance(uncapped, SpeculationGovernor) if load_aware else uncapped is None
+    assert drafting_governor(config.model_copy(update={"drafter": "none"})) is None
