@@ -21,6 +21,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from dspark_ray.bench.repetitions import interleaved
+
 WAYS = {"fused": True, "apart": False}  # name -> EngineConfig.fused_prefill
 FIRST_SYNTHETIC_TOKEN = 100  # synthetic prompts cycle through 64 token ids from here
 
@@ -85,12 +87,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, dict[str, list]] = {way: {"plain_step_ms": [], "admitting_step_ms": [], "tokens_per_s": []}
                                         for way in WAYS}
     outputs: dict[str, list] = {}
-    for _ in range(args.repetitions):
-        for way, engine in engines.items():
-            for key, value in step_costs(engine, prompts, args.batch_size, args.num_samples).items():
-                runs[way][key].append(value)
-            tokens_per_s, outputs[way] = closed_loop(engine, requests, args.concurrency)
-            runs[way]["tokens_per_s"].append(tokens_per_s)
+    for way, engine in interleaved(engines.items(), args.repetitions):
+        for key, value in step_costs(engine, prompts, args.batch_size, args.num_samples).items():
+            runs[way][key].append(value)
+        tokens_per_s, outputs[way] = closed_loop(engine, requests, args.concurrency)
+        runs[way]["tokens_per_s"].append(tokens_per_s)
     medians = {way: {key: statistics.median(values) for key, values in figures.items()} for way, figures in runs.items()}
     return {"runs": runs, "medians": medians, "identical_outputs": outputs["fused"] == outputs["apart"],
             "drafter": config.drafter, "batch_size": args.batch_size, "concurrency": args.concurrency,
@@ -105,10 +106,9 @@ def admission_by_length(engines: dict, prompts: list[list[int]], length: int, ar
     admitted = [[FIRST_SYNTHETIC_TOKEN + (sample + position) % 64 for position in range(length)]
                 for sample in range(args.num_samples)]
     extra: dict[str, list[float]] = {way: [] for way in engines}
-    for _ in range(args.repetitions):
-        for way, engine in engines.items():
-            costs = step_costs(engine, prompts, args.batch_size, args.num_samples, admitted)
-            extra[way].append(costs["admitting_step_ms"] - costs["plain_step_ms"])
+    for way, engine in interleaved(engines.items(), args.repetitions):
+        costs = step_costs(engine, prompts, args.batch_size, args.num_samples, admitted)
+        extra[way].append(costs["admitting_step_ms"] - costs["plain_step_ms"])
     return {"prompt_tokens": length, **{f"{way}_admission_ms": statistics.median(values)
                                         for way, values in extra.items()}}
 

@@ -25,7 +25,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from dspark_ray.bench.repetitions import median_run
+from dspark_ray.bench.repetitions import interleaved, median_run
 
 ALWAYS = {"load_aware_drafting": False}  # the step strategies are compared drafting at every step
 VARIANTS = {  # name -> (EngineConfig overrides, WorkerPlacement fields)
@@ -100,9 +100,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for level in args.levels:
             runs: dict[str, list] = {name: [] for name in engines}
             level_requests = (requests * (1 + 4 * level // len(requests)))[: max(len(requests), 4 * level)]
-            for _ in range(args.repetitions):
-                for name, engine in engines.items():
-                    runs[name].append(run_level(engine, level_requests, level))
+            for name, engine in interleaved(engines.items(), args.repetitions):
+                runs[name].append(run_level(engine, level_requests, level))
             results["levels"][level] = {name: median_run(reps, "tokens_per_s") for name, reps in runs.items()}
             print(format_level(level, results["levels"][level]), file=sys.stderr, flush=True)
     finally:

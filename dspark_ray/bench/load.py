@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dspark_ray.bench.admission import closed_loop
+from dspark_ray.bench.repetitions import interleaved
 
 BASELINE = "none"  # the target alone
 
@@ -48,10 +49,9 @@ def bench(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
 def level_result(engines: dict, requests: list, concurrency: int, repetitions: int) -> dict[str, Any]:
     runs: dict[str, list[float]] = {name: [] for name in engines}
     outputs: dict[str, list] = {}
-    for _ in range(repetitions):
-        for name, engine in engines.items():
-            tokens_per_s, outputs[name] = closed_loop(engine, requests, concurrency)
-            runs[name].append(tokens_per_s)
+    for name, engine in interleaved(engines.items(), repetitions):
+        tokens_per_s, outputs[name] = closed_loop(engine, requests, concurrency)
+        runs[name].append(tokens_per_s)
     medians = {name: statistics.median(values) for name, values in runs.items()}
     return {"concurrency": concurrency, "tokens_per_s_runs": runs, "tokens_per_s": medians,
             "ratio_to_target_only": {name: medians[name] / medians[BASELINE] for name in engines if name != BASELINE},

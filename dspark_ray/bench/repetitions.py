@@ -1,8 +1,21 @@
-"""Repetitions of a benchmark run: the median run of each level, with every run's figure kept."""
+"""Repetitions of a benchmark run: their order, and the median run of each level with every run's
+figure kept."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def interleaved(items: Iterable[T], repetitions: int) -> Iterator[T]:
+    """Every item once per repetition, in reversed order every other repetition (A B, B A, A B, ...):
+    drift on a shared machine hits the items alike, and so does going first. Served A/A runs (two
+    identical target-only apps, always in the same order) measured the second one 2% slower."""
+    items = list(items)
+    for repetition in range(repetitions):
+        yield from items if repetition % 2 == 0 else reversed(items)
 
 
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from dspark_ray.bench.repetitions import median_run
+from dspark_ray.bench.repetitions import interleaved, median_run
 from dspark_ray.config import REFERENCE_DIR
 from dspark_ray.serving.ports import free_port
 
@@ -299,10 +299,12 @@ def served_vs_in_process(url: str, engine_config, prompts: list[str], args: argp
     model = served_model(url)
     served, local = [], []
     lengths = request_lengths(args.max_tokens, args.max_tokens_range, args.num_requests)
-    for _ in range(repetitions):
-        served.append(asyncio.run(run_level(url, model, prompts, 1, args.num_requests, lengths, 0.0,
-                                            args.ignore_eos))["output_tokens_per_s"])
-        local.append(baseline.run(args.num_requests, lengths, args.ignore_eos)["output_tokens_per_s"])
+    for side in interleaved(["served", "in-process"], repetitions):
+        if side == "served":
+            served.append(asyncio.run(run_level(url, model, prompts, 1, args.num_requests, lengths, 0.0,
+                                                args.ignore_eos))["output_tokens_per_s"])
+        else:
+            local.append(baseline.run(args.num_requests, lengths, args.ignore_eos)["output_tokens_per_s"])
     return {"served_tokens_per_s": served, "in_process_tokens_per_s": local,
             "ratio": statistics.median(served) / statistics.median(local),
             "engine_cpus": list(args.engine_cpus) if args.engine_cpus is not None else None}
@@ -359,11 +361,10 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     try:
         serve.run(build_app(baseline), name=baseline_name, route_prefix=f"/{baseline_name}")
         repetitions: dict[str, list] = {baseline_name: [], "speculative": []}
-        for _ in range(args.repetitions):  # interleaved: drift on a shared machine hits both apps alike
-            for name, reports in repetitions.items():
-                reports.append(bench(f"http://127.0.0.1:{port}/{name}/v1", prompts, levels, args.num_requests,
-                                     args.max_tokens, args.temperature, args.ignore_eos, label=name,
-                                     max_tokens_range=args.max_tokens_range))
+        for name, reports in interleaved(repetitions.items(), args.repetitions):
+            reports.append(bench(f"http://127.0.0.1:{port}/{name}/v1", prompts, levels, args.num_requests,
+                                 args.max_tokens, args.temperature, args.ignore_eos, label=name,
+                                 max_tokens_range=args.max_tokens_range))
         runs: dict[str, Any] = {name: median_levels(reports) for name, reports in repetitions.items()}
         runs["baseline"] = baseline_name
         if args.temperature == 0 and 1 in levels:  # greedy: both sides decode the same tokens

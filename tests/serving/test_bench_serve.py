@@ -101,6 +101,13 @@ def test_repetitions_report_the_median_run_of_each_level() -> None:
     assert merged["levels"][1]["output_tokens_per_s_runs"] == [300, 100, 200]
 
 
+def test_repetitions_alternate_which_one_goes_first() -> None:
+    from dspark_ray.bench.repetitions import interleaved
+
+    assert "".join(interleaved("AB", 5)) == "ABBAABBAAB"
+    assert list(interleaved({"x": 1, "y": 2}.items(), 2)) == [("x", 1), ("y", 2), ("y", 2), ("x", 1)]
+
+
 def test_comparison_gives_the_ratio_of_each_repetition_in_run_order() -> None:
     def report(label, rate):
         return {"label": label, "levels": [{"concurrency": 16, "output_tokens_per_s": rate, "tpot_ms": {"mean": 1.0},
