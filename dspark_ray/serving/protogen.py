@@ -2,7 +2,7 @@
 
 Run `python -m dspark_ray.serving.protogen` after editing a proto (needs grpcio-tools, a dev
 dependency). The output is committed and never edited by hand; `tests/serving/test_protos_in_sync.py`
-fails when it drifts from the protos. Import generated modules through `dspark_ray.serving.wire`.
+fails when what it describes drifts from the protos (the generator's version header may differ). Import generated modules through `dspark_ray.serving.wire`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,21 @@ GENERATED_ROOT = Path(__file__).resolve().parent / "generated"
 PACKAGE = "dspark_ray.serving.generated"
 
 
-def generate(out_dir: Path) -> list[Path]:
+def _protoc(*outputs: str) -> None:
     from grpc_tools import protoc
 
-    protos = sorted(PROTO_ROOT.rglob("*.proto"))
-    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *[str(p.relative_to(PROTO_ROOT)) for p in protos]]
-    if protoc.main(args) != 0:
+    protos = [str(p.relative_to(PROTO_ROOT)) for p in sorted(PROTO_ROOT.rglob("*.proto"))]
+    if protoc.main(["protoc", f"-I{PROTO_ROOT}", *outputs, *protos]) != 0:
         raise RuntimeError("protoc failed")
+
+
+def compile_descriptor_set(out_file: Path) -> None:
+    """Write the protos' FileDescriptorSet, what the generated modules must register."""
+    _protoc(f"--descriptor_set_out={out_file}")
+
+
+def generate(out_dir: Path) -> list[Path]:
+    _protoc(f"--python_out={out_dir}", f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}")
     outputs = sorted(p for p in out_dir.rglob("*") if p.suffix in {".py", ".pyi"})
     for path in outputs:  # generated modules import each other by proto package: make it ours
         text = re.sub(r"^from dspark\.v1 import", f"from {PACKAGE}.dspark.v1 import", path.read_text(), flags=re.M)
