@@ -145,11 +145,17 @@ def start(config: ServeConfig, address: str = "local", num_cpus: float | None = 
 
 
 def stop() -> None:
+    """Shut Serve and Ray down; after a failed start (Ray never came up) only clean up what did start.
+
+    `serve.shutdown()` connects to a cluster to find Serve, and with none connected it would start a
+    fresh local one just to find nothing there.
+    """
     import ray
     from ray import serve
 
     try:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
     finally:
         ray.shutdown()
 

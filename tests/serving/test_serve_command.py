@@ -101,3 +101,25 @@ def test_serve_command_answers_behind_haproxy_and_stops_on_ctrl_c(model_dirs, ta
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+FAILING_START = """
+import sys, ray
+calls = []
+def failing_init(*args, **kwargs):
+    calls.append(kwargs)
+    raise RuntimeError("Ray did not start in time")
+ray.init = failing_init
+from dspark_ray.cli import main
+status = main(["serve", "--port", "8999"])
+print(f"init calls: {len(calls)}; initialized: {ray.is_initialized()}; status: {status}")
+"""
+
+
+def test_a_failed_start_exits_with_one_error_and_starts_no_second_cluster() -> None:
+    """Finding 7 of issue 22: shutting down after a failed ray.init called serve.shutdown(), which
+    connects to a cluster and, with none, started a second local one."""
+    run = subprocess.run([sys.executable, "-c", FAILING_START], capture_output=True, text=True, timeout=120)
+    assert "init calls: 1; initialized: False; status: 1" in run.stdout, run.stdout + run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("dspark-ray serve: error:")]
+    assert errors == ["dspark-ray serve: error: Ray did not start in time"], run.stderr
