@@ -46,7 +46,9 @@ class RequestResult:
     error: str | None = None
     num_output_tokens: int = 0
     ttft_s: float | None = None
-    e2e_s: float = 0.0
+    e2e_s: float = 0.0  # until the last byte, or until the error
+    status: int | None = None  # HTTP status (None: no response)
+    retry_after: str | None = None  # the Retry-After header of an error response
     itl_s: list[float] = field(default_factory=list)
     num_steps: int = 0
     num_accepted_tokens: int = 0
@@ -102,7 +104,9 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
     start = last = time.perf_counter()
     try:
         async with client.post(f"{url}/completions", json=body) as response:
+            result.status = response.status
             if response.status != 200:
+                result.retry_after = response.headers.get("Retry-After")
                 error = json.loads(await response.read()).get("error", {})
                 result.error = f"{response.status} {error.get('code')}"
                 return result
@@ -127,10 +131,11 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
                 if "usage" in event and event.get("dspark"):
                     result.num_steps = event["dspark"]["num_steps"]
                     result.num_accepted_tokens = event["dspark"]["num_accepted_tokens"]
-    except Exception as error:  # a dropped connection is a counted error, not a crashed benchmark
+    except Exception as error:  # a dropped connection (or a non-JSON error body) is a counted error
         result.error = type(error).__name__
         return result
-    result.e2e_s = time.perf_counter() - start
+    finally:
+        result.e2e_s = time.perf_counter() - start
     result.ok = True
     return result
 
