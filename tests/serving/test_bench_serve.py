@@ -148,3 +148,20 @@ def test_launch_baselines() -> None:
     assert unfused.engine.drafter == "dspark" and unfused.colocate_router is False
     assert speculative.workers.engine_process is True  # the speculative app itself is untouched
     assert speculative.colocate_router is False and speculative.engine.fused_prefill is True
+
+
+def test_burst_report_counts_rejections_and_what_they_lacked() -> None:
+    from dspark_ray.bench.burst import report
+
+    results = [RequestResult(True, num_output_tokens=4, ttft_s=0.2, e2e_s=0.5, status=200),
+               RequestResult(False, error="429 over_capacity", e2e_s=0.01, status=429, retry_after="1"),
+               RequestResult(False, error="429 over_capacity", e2e_s=0.03, status=429, retry_after=None),
+               RequestResult(False, error="JSONDecodeError", e2e_s=0.02, status=503, retry_after="1"),
+               RequestResult(False, error="ClientConnectorError", e2e_s=0.02)]
+    summary = report(results)
+    assert summary["statuses"] == {"200": 1, "429": 2, "503": 1, "None": 1}
+    assert (summary["num_admitted"], summary["num_rejected"]) == (1, 3)
+    assert summary["rejected_without_retry_after"] == 1 and summary["rejected_without_openai_body"] == 1
+    assert summary["rejected_answered_ms"]["p99"] == pytest.approx(30.0)
+    assert summary["admitted_ttft_ms"]["p50"] == pytest.approx(200.0)
+    assert summary["other_errors"] == ["ClientConnectorError"]
