@@ -20,11 +20,14 @@ from dspark_ray.bench.serve import RequestResult, check_local, one_request, serv
 OVERLOAD_STATUSES = (429, 503)
 
 
-async def burst(url: str, model: str, num_requests: int, max_tokens: int) -> list[RequestResult]:
+async def burst(url: str, model: str, num_requests: int, max_tokens: int, api_key: str | None = None
+                ) -> list[RequestResult]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=0)  # no client-side queue: every request leaves at once
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600.0)) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(connector=connector, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=600.0)) as client:
         return await asyncio.gather(*(one_request(client, url, model, f"def burst_{index}(", max_tokens, 0.0, True)
                                       for index in range(num_requests)))
 
@@ -63,14 +66,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", default=None, help="model name (default: the server's first)")
     parser.add_argument("--num-requests", type=int, default=400, help="requests sent at once")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens each admitted request decodes")
+    parser.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY' (servers with tenants)")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_local(args.url)
-    model = args.model or served_model(args.url)
-    result = report(asyncio.run(burst(args.url, model, args.num_requests, args.max_tokens)))
+    model = args.model or served_model(args.url, args.api_key)
+    result = report(asyncio.run(burst(args.url, model, args.num_requests, args.max_tokens, args.api_key)))
     print(format_report(result), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))

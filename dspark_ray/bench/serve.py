@@ -164,10 +164,11 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
     return level_report(concurrency, results, duration)
 
 
-def served_model(url: str) -> str:
+def served_model(url: str, api_key: str | None = None) -> str:
     import httpx
 
-    return httpx.get(f"{url}/models", timeout=30).json()["data"][0]["id"]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return httpx.get(f"{url}/models", headers=headers, timeout=30).json()["data"][0]["id"]
 
 
 def bench(url: str, prompts: list[str], levels: list[int], num_requests: int, max_tokens: int,

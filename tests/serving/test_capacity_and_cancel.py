@@ -82,3 +82,22 @@ def test_tenant_quota(tiny_app) -> None:
     assert second.status_code == 429 and second.json()["error"]["code"] == "tenant_quota_exceeded"
     assert second.headers["retry-after"] == "2"
     assert tiny_app.wait_until_idle() == 0
+
+
+def test_a_burst_past_capacity_is_answered_with_429s_never_a_5xx(tiny_app) -> None:
+    """Finding 8 of issue 22 (how fast: `dspark-ray bench burst`, a benchmark): every request of a
+    burst far past the admission limit is admitted or answered 429 with Retry-After and an OpenAI
+    body; nothing is dropped or answered 5xx, and the server serves after."""
+    from dspark_ray.bench.burst import burst, report
+
+    assert tiny_app.wait_until_idle() == 0
+    summary = report(asyncio.run(burst(tiny_app.base_url, "tiny", 60, 32, api_key=ALICE_KEY)))
+    assert set(summary["statuses"]) <= {"200", "429"}, summary
+    assert summary["num_admitted"] >= 1 and summary["num_rejected"] >= 1
+    assert summary["num_admitted"] + summary["num_rejected"] == 60
+    assert summary["rejected_without_retry_after"] == 0 and summary["rejected_without_openai_body"] == 0
+    assert not summary["other_errors"]
+    assert tiny_app.wait_until_idle() == 0
+    ok = httpx.post(f"{tiny_app.base_url}/completions", headers=_auth(tiny_app), timeout=60,
+                    json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+    assert ok.status_code == 200
