@@ -12,6 +12,7 @@ import grpc
 import pytest
 import ray.util
 
+from conftest import greedy_requests, outputs
 from dspark_ray.serving.distributed.credential import METADATA_KEY, authenticated_channel, new_secret
 from dspark_ray.serving.distributed.server import GRPC_OPTIONS, start_server
 from dspark_ray.serving.wire import worker_pb2 as pb
@@ -48,14 +49,15 @@ def servers() -> Iterator[tuple[str, dict[str, str]]]:
         server.stop(grace=None)
 
 
-def _call_code(address: str, service, method, metadata) -> grpc.StatusCode:
+def _call_code(address: str, service, method, metadata, request=None) -> grpc.StatusCode:
+    """The status of one call of `method` (an empty request unless given) with `metadata`."""
     request_type = getattr(pb, method.input_type.name)
     response_type = getattr(pb, method.output_type.name)
     with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
         rpc = channel.unary_unary(f"/{service.full_name}/{method.name}", request_serializer=request_type.SerializeToString,
                                   response_deserializer=response_type.FromString)
         try:
-            rpc(request_type(), metadata=metadata, timeout=30)
+            rpc(request or request_type(), metadata=metadata, timeout=30)
         except grpc.RpcError as error:
             return error.code()
     return grpc.StatusCode.OK
@@ -119,3 +121,19 @@ def test_live_workers_refuse_strangers_and_listen_on_the_node_address(distribute
             assert not accepts_on_loopback(int(port))
         stub, _ = handle.current()
         assert stub.Health(pb.HealthRequest(), timeout=30).role == handle.role
+
+
+def test_a_strangers_remove_fails_no_open_sequence(distributed_engines, local_outputs) -> None:
+    """Finding 3 of issue 22: one unauthenticated Remove(seq_ids 0..4095) failed every open stream."""
+    engine, _, config = distributed_engines("llama", "model", tp=1, tp_sharding="auto")
+    requests = greedy_requests()
+    seqs = [engine.add_request(request) for request in requests]
+    engine.step()
+    everything = pb.RemoveRequest(seq_ids=range(4096))
+    for handle, service_name in ((engine.target, "TargetWorker"), (engine.draft, "DraftWorker")):
+        service = pb.DESCRIPTOR.services_by_name[service_name]
+        code = _call_code(handle.address, service, service.methods_by_name["Remove"], (), everything)
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    while engine.has_unfinished():
+        engine.step()
+    assert outputs(seqs) == local_outputs(config, requests)
