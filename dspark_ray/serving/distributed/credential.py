@@ -1,10 +1,11 @@
 """The worker credential: one secret per deployment, required on every worker RPC.
 
 The coordinator makes the secret when it builds its workers (`new_secret`) and hands it to each
-worker actor through Ray, in the actor's constructor arguments: it never travels over gRPC in the
-other direction, and is never written to disk. Every call carries it as call metadata
-(`authenticated_channel`, the only place the coordinator adds it); a worker's server refuses a call
-without it, or with another one, with UNAUTHENTICATED before any servicer runs (`RequireSecret`).
+worker actor through Ray, in the actor's constructor arguments; it is never written to disk. Every
+call carries it as call metadata (`authenticated_channel`, the only place the coordinator adds it);
+a worker's server refuses a call without it, or with another one, with UNAUTHENTICATED before any
+servicer runs (`RequireSecret`). The channels are not encrypted: the secret keeps out callers that
+do not hold it, not someone who reads the cluster's network traffic.
 
 It knows nothing about what the RPCs do.
 """

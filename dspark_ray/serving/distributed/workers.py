@@ -46,7 +46,7 @@ class _Supervised:
         self.engine_config = engine_config
         self.placement = placement
         self.group = group
-        self.secret = secret
+        self._secret = secret
         self.actors: list = []
         self.address = ""  # where the current workers' gRPC server listens (host:port)
         self.generation = 0
@@ -105,7 +105,7 @@ class _Supervised:
             return
 
     def _install(self, actors: list, address: str) -> None:
-        channel = authenticated_channel(address, self.secret, GRPC_OPTIONS)
+        channel = authenticated_channel(address, self._secret, GRPC_OPTIONS)
         grpc.channel_ready_future(channel).result(timeout=self.placement.startup_timeout_s)
         with self._lock:
             if self._closed:
@@ -139,7 +139,7 @@ class DraftWorkerHandle(_Supervised):
             resources=dict(placement.draft_resources), max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement.draft_bundle_index),
         ).remote(self.engine_config, placement.draft_probs_max_support, placement.num_threads_per_worker,
-                 placement.look_ahead, secret=self.secret)
+                 placement.look_ahead, secret=self._secret)
         try:
             return [actor], ray.get(actor.address.remote(), timeout=placement.startup_timeout_s)
         except Exception:
@@ -158,7 +158,7 @@ class TargetGroupHandle(_Supervised):
         actors = [ray.remote(TargetWorker).options(
             num_cpus=placement.target_num_cpus_per_rank, num_gpus=placement.target_num_gpus_per_rank,
             max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, rank),
-        ).remote(self.engine_config, rank, placement.tp, placement.num_threads_per_worker, secret=self.secret)
+        ).remote(self.engine_config, rank, placement.tp, placement.num_threads_per_worker, secret=self._secret)
             for rank in range(placement.tp)]
         try:
             master_addr, master_port = ray.get(actors[0].rendezvous.remote(placement.startup_timeout_s),
