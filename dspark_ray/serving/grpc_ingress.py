@@ -4,7 +4,8 @@ Serve's gRPC proxy calls the router's methods named after the rpcs (`Generate`,
 `GenerateStream`) with the request message and a `grpc_context`; these functions convert the
 message, run it through the same path as HTTP (`Router.generate`) and convert back. Errors
 become gRPC status codes. With HTTP on a loopback address, calls from other machines are refused
-(PERMISSION_DENIED): Serve's gRPC proxy listens on every interface (`dspark_ray.serving.exposure`). Generated messages come through `dspark_ray.serving.wire`.
+(PERMISSION_DENIED): Serve's gRPC proxy listens on every interface (`dspark_ray.serving.exposure`).
+Generated messages come through `dspark_ray.serving.wire`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 16
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-                403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+                403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+                504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def to_inference_request(message: pb.GenerateRequest, request_id: str) -> InferenceRequest:

@@ -54,7 +54,8 @@ def _call_code(address: str, service, method, metadata, request=None) -> grpc.St
     request_type = getattr(pb, method.input_type.name)
     response_type = getattr(pb, method.output_type.name)
     with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
-        rpc = channel.unary_unary(f"/{service.full_name}/{method.name}", request_serializer=request_type.SerializeToString,
+        rpc = channel.unary_unary(f"/{service.full_name}/{method.name}",
+                                  request_serializer=request_type.SerializeToString,
                                   response_deserializer=response_type.FromString)
         try:
             rpc(request or request_type(), metadata=metadata, timeout=30)
