@@ -5,11 +5,14 @@
 its `args` are an `AppConfig`. Serve decorators are applied here, at build time, so `Router` and
 `ServedModel` stay plain classes. A model-server replica is one model instance; in distributed
 mode it reserves its worker actors through a placement group of its own (one bundle per target
-rank, packed, then the drafter's, which may go to another node type).
+rank, packed, then the drafter's, which may go to another node type). The router is told whether
+Serve's HTTP proxy binds a loopback address, and then answers gRPC calls from this machine only
+(`dspark_ray.serving.exposure`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray import serve
@@ -17,6 +20,7 @@ from ray.serve import Application
 
 from dspark_ray.serving.colocated import ColocatedRouter
 from dspark_ray.serving.config import AppConfig
+from dspark_ray.serving.exposure import is_loopback, open_endpoint_warning, serve_http_host
 from dspark_ray.serving.router import MODEL_SERVER_DEPLOYMENT, ROUTER_DEPLOYMENT, Router
 from dspark_ray.serving.served_model import ServedModel
 
@@ -28,15 +32,22 @@ ROUTER_EXTRA_ONGOING = 32
 # against the in-process engine).
 SAME_LOOP_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
+logger = logging.getLogger(__name__)
+
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    http_host = serve_http_host()
+    warning = open_endpoint_warning(http_host, len(config.tenants))
+    if warning:
+        logger.warning(warning)
+    loopback_only = is_loopback(http_host)  # the gRPC ingress admits whom HTTP admits
     if config.colocate_router:
         colocated = serve.deployment(name=ROUTER_DEPLOYMENT, **colocated_options(config))
-        return colocated(serve.ingress()(ColocatedRouter)).bind(config)
+        return colocated(serve.ingress()(ColocatedRouter)).bind(config, loopback_only)
     model = serve.deployment(name=MODEL_SERVER_DEPLOYMENT, **model_server_options(config))(ServedModel)
     router = serve.deployment(name=ROUTER_DEPLOYMENT, **router_options(config))(serve.ingress()(Router))
-    return router.bind(model.bind(config), config)
+    return router.bind(model.bind(config), config, loopback_only)
 
 
 def model_server_options(config: AppConfig) -> dict[str, Any]:

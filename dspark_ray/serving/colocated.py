@@ -15,9 +15,9 @@ from dspark_ray.serving.served_model import ServedModel
 
 
 class ColocatedRouter(Router):
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, grpc_loopback_only: bool = False) -> None:
         self.served = ServedModel(config)
-        super().__init__(LocalHandle(self.served), config)
+        super().__init__(LocalHandle(self.served), config, grpc_loopback_only)
 
     def num_active(self) -> int:
         return self.served.num_active()

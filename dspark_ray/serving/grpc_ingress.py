@@ -3,7 +3,9 @@
 Serve's gRPC proxy calls the router's methods named after the rpcs (`Generate`,
 `GenerateStream`) with the request message and a `grpc_context`; these functions convert the
 message, run it through the same path as HTTP (`Router.generate`) and convert back. Errors
-become gRPC status codes. Generated messages come through `dspark_ray.serving.wire`.
+become gRPC status codes. With HTTP on a loopback address, calls from other machines are refused
+(PERMISSION_DENIED): Serve's gRPC proxy listens on every interface (`dspark_ray.serving.exposure`).
+Generated messages come through `dspark_ray.serving.wire`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from dspark_ray.core.sampling import SamplingParams
+from dspark_ray.serving.exposure import peer_is_loopback
 from dspark_ray.serving.wire import inference_pb2 as pb
 from dspark_ray.serving.openai_api import MAX_SEED, ApiError, InferenceRequest, stop_strings
 from dspark_ray.serving.protocol import CompletionDelta
@@ -24,8 +27,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 16
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-                404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+                403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+                504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def to_inference_request(message: pb.GenerateRequest, request_id: str) -> InferenceRequest:
@@ -59,7 +63,14 @@ def _metadata(grpc_context, key: str) -> str | None:
     return dict(grpc_context.invocation_metadata()).get(key)
 
 
+def _check_peer(router: Router, grpc_context) -> None:
+    if router.grpc_loopback_only and grpc_context is not None and not peer_is_loopback(grpc_context.peer()):
+        raise ApiError(403, "permission_denied", "this server answers gRPC calls from its own machine only "
+                       "(its HTTP proxy binds a loopback address)")
+
+
 def _start(router: Router, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[CompletionDelta]:
+    _check_peer(router, grpc_context)
     tenant = router.authenticate(_metadata(grpc_context, "authorization"))
     if message.model:
         router.check_model(message.model)

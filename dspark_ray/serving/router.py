@@ -38,9 +38,12 @@ HEALTH_TIMEOUT_S = 10.0
 
 
 class Router:
-    def __init__(self, model: Any, config: AppConfig) -> None:
-        """`model`: a DeploymentHandle to the `ServedModel` deployment (or a test double)."""
+    def __init__(self, model: Any, config: AppConfig, grpc_loopback_only: bool = False) -> None:
+        """`model`: a DeploymentHandle to the `ServedModel` deployment (or a test double).
+        `grpc_loopback_only`: answer gRPC calls from this machine only (HTTP binds a loopback
+        address, and Serve's gRPC proxy cannot: see `dspark_ray.serving.exposure`)."""
         self.config = config
+        self.grpc_loopback_only = grpc_loopback_only
         self.model = model
         # One streaming handle for all requests: each `.options()` call makes a handle with its own
         # request router, and Serve's max_ongoing_requests is only kept by requests sharing one.

@@ -122,11 +122,27 @@ def test_build_app_binds_router_to_model_server() -> None:
     assert model_server.init_args[0].model_name == "m"
 
 
+@pytest.mark.parametrize("colocate_router", [False, True])
+@pytest.mark.parametrize(("http_host", "tenants", "loopback_only", "warned"), [
+    ("127.0.0.1", (), True, False),  # local development: no key, callers on this machine only
+    ("0.0.0.0", (), False, True),
+    ("0.0.0.0", ({"name": "a", "api_key": "a-key-of-8"},), False, False),
+])
+def test_the_grpc_ingress_admits_whom_http_admits(monkeypatch, caplog, colocate_router: bool, http_host: str,
+                                                  tenants: tuple, loopback_only: bool, warned: bool) -> None:
+    """Serve's gRPC proxy binds every interface: the router is told whether HTTP binds loopback only."""
+    monkeypatch.setattr("dspark_ray.serving.app.serve_http_host", lambda: http_host)
+    router = build_app(AppConfig(model_name="m", colocate_router=colocate_router, tenants=tenants))._bound_deployment
+    assert router.init_args[-1] is loopback_only
+    assert ("no tenants are configured" in caplog.text) is warned
+    assert ServeConfig(http_host=http_host).http_options()["host"] == http_host  # what serve.start binds
+
+
 def test_colocated_router_is_one_deployment_with_the_model_servers_resources() -> None:
     config = AppConfig(model_name="m", colocate_router=True, max_ongoing_requests=8, max_queued_requests=4,
                        model_server_num_gpus=1, autoscaling={"min_replicas": 1, "max_replicas": 3})
     app = build_app(config)._bound_deployment
-    assert app.name == "Router" and app.init_args == (config,)  # no handle: the model is in the replica
+    assert app.name == "Router" and app.init_args[0] == config  # no handle: the model is in the replica
     options = colocated_options(config)
     assert options["ray_actor_options"]["num_gpus"] == 1 and options["autoscaling_config"]["max_replicas"] == 3
     assert options["max_ongoing_requests"] >= 8 + 4 and "max_queued_requests" not in options

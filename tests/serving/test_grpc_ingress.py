@@ -61,3 +61,21 @@ def test_errors_are_grpc_status_codes(stub, served_app, request_fields, status) 
         with pytest.raises(grpc.RpcError) as raised:
             call(pb.GenerateRequest(**request_fields), metadata=_metadata(served_app), timeout=60)
         assert raised.value.code() == status, raised.value.details()
+
+
+def test_calls_from_another_address_are_refused_while_http_binds_loopback(served_app) -> None:
+    """Serve's gRPC proxy listens on every interface; the router admits the callers HTTP can have."""
+    import ray.util
+
+    from dspark_ray.serving.exposure import is_loopback
+
+    node_host = ray.util.get_node_ip_address()
+    if is_loopback(node_host):
+        pytest.skip("the node address is a loopback address: no other caller to tell apart")
+    port = served_app.grpc_target.rsplit(":", 1)[1]
+    with grpc.insecure_channel(f"{node_host}:{port}") as channel:  # the caller is node_host, not loopback
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+            with pytest.raises(grpc.RpcError) as raised:
+                call(pb.GenerateRequest(text=PROMPT, max_tokens=MAX_TOKENS), metadata=_metadata(served_app), timeout=60)
+            assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, raised.value.details()

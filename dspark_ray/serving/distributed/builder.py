@@ -20,6 +20,7 @@ from dspark_ray.engine.drafters.base import Drafter, NoDrafter
 from dspark_ray.engine.factory import drafting_governor
 from dspark_ray.engine.loading import load_tokenizer
 from dspark_ray.engine.stopping import StopRules
+from dspark_ray.serving.distributed.credential import new_secret
 from dspark_ray.serving.distributed.pipeline import PipelinedEngine
 from dspark_ray.serving.distributed.placement import WorkerPlacement, reserve
 from dspark_ray.serving.distributed.remote import RemoteDrafter, RemoteVerifier, WireMeter, WireStats
@@ -87,8 +88,9 @@ def build_distributed_engine(engine_config: EngineConfig, placement: WorkerPlace
     decode: Decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     with_draft = engine_config.drafter != "none"
     group = reserve(placement, with_draft, placement.startup_timeout_s)
-    target = TargetGroupHandle(engine_config, placement, group)
-    draft = DraftWorkerHandle(engine_config, placement, group) if with_draft else None
+    secret = new_secret()  # this deployment's worker credential: handed to the workers through Ray
+    target = TargetGroupHandle(engine_config, placement, group, secret)
+    draft = DraftWorkerHandle(engine_config, placement, group, secret) if with_draft else None
     try:
         target.start()
         if draft is not None:

@@ -64,7 +64,8 @@ def _base_drafter(config: EngineConfig, max_support: int) -> Drafter:
 
 class DraftWorker:
     def __init__(self, engine_config: EngineConfig, draft_probs_max_support: int, num_threads: int = 1,
-                 look_ahead: bool = False) -> None:
+                 look_ahead: bool = False, *, secret: str) -> None:
+        """`secret`: the deployment's worker credential, which every RPC must carry."""
         torch.set_num_threads(num_threads)
         self.drafter = build_worker_drafter(engine_config, draft_probs_max_support)
         # Within-request pipelining: draft past each proposal while the target verifies it.
@@ -72,7 +73,7 @@ class DraftWorker:
         self.mirror = SequenceMirror()
         self.runner = CommandRunner()
         self.server, self._address = start_server(pb_grpc.add_DraftWorkerServicer_to_server, _Servicer(self),
-                                                 ray.util.get_node_ip_address())
+                                                 ray.util.get_node_ip_address(), secret)
 
     def address(self) -> str:
         return self._address

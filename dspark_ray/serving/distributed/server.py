@@ -1,4 +1,5 @@
-"""The gRPC side of a worker actor: a server on a free port, one command at a time, busy/idle clock.
+"""The gRPC side of a worker actor: a server on a free port of its node address, for callers with the
+deployment's credential, one command at a time, busy/idle clock.
 
 A worker serves its commands strictly one after another (the coordinator never overlaps two
 commands to one worker, and the lock makes sure of it). Between commands a worker may run
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 
 import grpc
 
+from dspark_ray.serving.distributed.credential import RequireSecret
 from dspark_ray.serving.distributed.mirror import SequenceStateError
 
 logger = logging.getLogger(__name__)
@@ -103,14 +105,13 @@ class CommandRunner:
             self._num_waiting += change
 
 
-def start_server(add_servicer: Callable, servicer, host: str) -> tuple[grpc.Server, str]:
-    """Serve on a free port of `host`; returns the server and the address clients dial."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=GRPC_OPTIONS)
+def start_server(add_servicer: Callable, servicer, host: str, secret: str) -> tuple[grpc.Server, str]:
+    """Serve on a free port of `host` (the node address Ray uses: never every interface), only to
+    calls that carry `secret`; returns the server and the address clients dial."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[RequireSecret(secret)],
+                         options=GRPC_OPTIONS)
     add_servicer(servicer, server)
-    port = server.add_insecure_port(f"{_bind_host(host)}:0")
+    address = f"[{host}]" if ":" in host else host
+    port = server.add_insecure_port(f"{address}:0")
     server.start()
-    return server, f"{host}:{port}"
-
-
-def _bind_host(host: str) -> str:
-    return "[::]" if ":" in host else "0.0.0.0"
+    return server, f"{address}:{port}"

@@ -44,12 +44,15 @@ _STOP = "stop"
 
 
 class TargetWorker:
-    def __init__(self, engine_config: EngineConfig, rank: int, world_size: int, num_threads: int = 1) -> None:
+    def __init__(self, engine_config: EngineConfig, rank: int, world_size: int, num_threads: int = 1, *,
+                 secret: str) -> None:
+        """`secret`: the deployment's worker credential, which every RPC to rank 0 must carry."""
         torch.set_num_threads(num_threads)
         self.engine_config = engine_config
         self.rank = rank
         self.world_size = world_size
         self.host = ray.util.get_node_ip_address()
+        self._secret = secret
         self.mirror = SequenceMirror()
         self.runner = CommandRunner()
         self.verifier: TargetVerifier | None = None
@@ -82,7 +85,7 @@ class TargetWorker:
         self.vocab_size = vocab_size(model)
         if self.rank == 0:
             self.server, self._address = start_server(pb_grpc.add_TargetWorkerServicer_to_server, _Servicer(self),
-                                                      self.host)
+                                                      self.host, self._secret)
         else:
             threading.Thread(target=self._follow, name=f"target-rank-{self.rank}", daemon=True).start()
         return self._address

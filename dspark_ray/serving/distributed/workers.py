@@ -1,6 +1,7 @@
 """Coordinator-side handles of the worker actors: launch them in their bundles, connect, replace.
 
-A handle owns its actor(s) and the gRPC stub to them. A proxy that sees a call fail reports it
+A handle owns its actor(s) and the gRPC stub to them; the stub's channel carries the deployment's
+worker credential on every call. A proxy that sees a call fail reports it
 with the generation it used; the handle then kills the actor(s) (a hung worker too) and launches
 new ones in the same placement-group bundles on a background thread, while `wait` / `current`
 tell callers whether a worker is there. Each successful launch bumps the generation, which tells
@@ -19,6 +20,7 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from dspark_ray.config import EngineConfig
+from dspark_ray.serving.distributed.credential import authenticated_channel
 from dspark_ray.serving.distributed.draft_worker import DraftWorker
 from dspark_ray.serving.distributed.placement import WorkerPlacement
 from dspark_ray.serving.distributed.server import GRPC_OPTIONS
@@ -37,11 +39,16 @@ class WorkerUnavailable(RuntimeError):
 class _Supervised:
     role = "worker"
 
-    def __init__(self, engine_config: EngineConfig, placement: WorkerPlacement, group: PlacementGroup) -> None:
+    def __init__(self, engine_config: EngineConfig, placement: WorkerPlacement, group: PlacementGroup,
+                 secret: str) -> None:
+        """`secret`: the deployment's worker credential (`credential.new_secret`), handed to every
+        actor this handle launches, replacements included, and carried by every call to them."""
         self.engine_config = engine_config
         self.placement = placement
         self.group = group
+        self._secret = secret
         self.actors: list = []
+        self.address = ""  # where the current workers' gRPC server listens (host:port)
         self.generation = 0
         self.num_restarts = 0
         self._stub = None
@@ -98,13 +105,13 @@ class _Supervised:
             return
 
     def _install(self, actors: list, address: str) -> None:
-        channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        channel = authenticated_channel(address, self._secret, GRPC_OPTIONS)
         grpc.channel_ready_future(channel).result(timeout=self.placement.startup_timeout_s)
         with self._lock:
             if self._closed:
                 _kill_all(actors)
                 return
-            self.actors, self._channel = actors, channel
+            self.actors, self._channel, self.address = actors, channel, address
             self._stub = self._make_stub(channel)
             self.generation += 1
             self._ready.set()
@@ -132,7 +139,7 @@ class DraftWorkerHandle(_Supervised):
             resources=dict(placement.draft_resources), max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement.draft_bundle_index),
         ).remote(self.engine_config, placement.draft_probs_max_support, placement.num_threads_per_worker,
-                 placement.look_ahead)
+                 placement.look_ahead, secret=self._secret)
         try:
             return [actor], ray.get(actor.address.remote(), timeout=placement.startup_timeout_s)
         except Exception:
@@ -151,7 +158,7 @@ class TargetGroupHandle(_Supervised):
         actors = [ray.remote(TargetWorker).options(
             num_cpus=placement.target_num_cpus_per_rank, num_gpus=placement.target_num_gpus_per_rank,
             max_restarts=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, rank),
-        ).remote(self.engine_config, rank, placement.tp, placement.num_threads_per_worker)
+        ).remote(self.engine_config, rank, placement.tp, placement.num_threads_per_worker, secret=self._secret)
             for rank in range(placement.tp)]
         try:
             master_addr, master_port = ray.get(actors[0].rendezvous.remote(placement.startup_timeout_s),
