@@ -62,6 +62,8 @@ class SpeculativeEngine:
             raise ValueError("the prompt must hold at least one token")
         if request.max_tokens < 1:  # the prefill always emits one token
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if request.stop and self.stop_rules.decode is None:
+            raise ValueError("stop strings need a tokenizer")
         sampling = request.sampling
         if sampling.top_k > INT64_MAX:  # top_k >= the vocabulary disables it; beyond int64 no tensor holds it
             raise ValueError(f"top_k must be at most {INT64_MAX}, got {sampling.top_k}")
