@@ -21,6 +21,7 @@ advance as they would have: the same committed tokens, the same random draws. On
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -119,7 +120,7 @@ class SpeculativeEngine:
     def _mark_step(self) -> dict[int, SequenceMark]:
         """Marks of every sequence a step may touch: the running ones and the waiting it may admit."""
         room = max(0, self.max_batch_size - len(self.running))
-        return {seq.seq_id: seq.mark() for seq in [*self.running, *list(self.waiting)[:room]]}
+        return {seq.seq_id: seq.mark() for seq in itertools.chain(self.running, itertools.islice(self.waiting, room))}
 
     def _isolate(self, marks: dict[int, SequenceMark], error: Exception) -> None:
         """Undo the failed step, then step its sequences again in halves until the culprits are
@@ -129,6 +130,10 @@ class SpeculativeEngine:
         seqs = [seq for seq in self.running if seq.seq_id in marks]
         new = {seq.seq_id for seq in seqs if marks[seq.seq_id].num_output_tokens == 0}  # admitted by the step
         self._undo(seqs, marks, new)
+        self._bisect(seqs, new, error)
+
+    def _bisect(self, seqs: list[Sequence], new: set[int], error: Exception) -> None:
+        """`seqs` failed a step together (undone): retry each half alone, down to single culprits."""
         if len(seqs) == 1:
             self._settle(seqs[0], new, error)
             return
@@ -136,7 +141,7 @@ class SpeculativeEngine:
             self._retry(half, new)
 
     def _retry(self, seqs: list[Sequence], new: set[int]) -> None:
-        """Step `seqs` alone; if that fails, undo it and retry each half."""
+        """Step `seqs` alone; if that fails, undo it and bisect."""
         marks = {seq.seq_id: seq.mark() for seq in seqs}
         try:
             self._advance_batch([seq for seq in seqs if seq.seq_id not in new],
@@ -145,11 +150,7 @@ class SpeculativeEngine:
             raise
         except Exception as error:
             self._undo(seqs, marks, new)
-            if len(seqs) == 1:
-                self._settle(seqs[0], new, error)
-                return
-            for half in _halves(seqs):
-                self._retry(half, new)
+            self._bisect(seqs, new, error)
             return
         new.difference_update(seq.seq_id for seq in seqs)
 
@@ -184,7 +185,7 @@ class SpeculativeEngine:
     def _drafted(self, seqs: list[Sequence]) -> list[Sequence]:
         return [seq for seq in seqs if seq.seq_id not in self.undrafted] if self.undrafted else seqs
 
-    def _verify_step(self, seqs: list[Sequence], admitted: list[Sequence], start: float) -> None:
+    def _verify_step(self, seqs: list[Sequence], admitted: list[Sequence], start: float | None) -> None:
         """Draft as far as the governor says (not at all, a short or the full length), verify, and
         prefill `admitted` in the same forward. The governor is told the rate of steps that
         prefilled nothing: a prefill costs the same in either mode, and one landing in a block
@@ -200,7 +201,7 @@ class SpeculativeEngine:
         if admitted:
             self.welcome(admitted, added)
         self.commit(seqs, proposal, output)
-        if self.governor is not None and not admitted:
+        if self.governor is not None and not admitted and start is not None:
             record_rate(self.governor, len(seqs), draft_limit, seqs, proposal, before, start)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Sequence]:
