@@ -56,7 +56,8 @@ class SpeculativeEngine:
         self.running: list[Sequence] = []
         self._next_seq_id = 0
         self._last_step_end: float | None = None  # set while unfinished sequences wait for the next step
-        self.undrafted: set[int] = set()  # sequences that failed a step with drafts and not without: target alone
+        # sequences the drafter failed (a step failed with their drafts, not without): the target alone decodes them
+        self.undrafted: set[int] = set()
 
     def add_request(self, request: GenerationRequest) -> Sequence:
         if not request.prompt_token_ids:
@@ -172,6 +173,7 @@ class SpeculativeEngine:
         them (the target alone decodes them)."""
         for seq in seqs:
             seq.restore(marks[seq.seq_id])
+        # now, even where a step strategy defers freeing: the retry prefills them again
         SpeculativeEngine.free(self, [seq.seq_id for seq in seqs if seq.seq_id in new])
         held = [seq for seq in seqs if seq.seq_id not in new]
         self.verifier.sync(held)
@@ -270,11 +272,10 @@ class SpeculativeEngine:
                    for seq in seqs]
         if not any(budgets):
             return DraftProposal.empty(len(seqs))
-        drafted = self._drafted(seqs)
-        if len(drafted) == len(seqs):
+        if not self.undrafted:
             return self.drafter.propose(seqs, budgets, time_budget_s)
         rows = [row for row, seq in enumerate(seqs) if seq.seq_id not in self.undrafted]
-        proposal = self.drafter.propose(drafted, [budgets[row] for row in rows], time_budget_s)
+        proposal = self.drafter.propose([seqs[row] for row in rows], [budgets[row] for row in rows], time_budget_s)
         return proposal.scatter(rows, len(seqs))
 
     def commit(self, seqs: list[Sequence], proposal: DraftProposal, output: VerifyOutput) -> None:

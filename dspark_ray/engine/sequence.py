@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +28,10 @@ class SequenceStats:
     def mean_acceptance_length(self) -> float:
         """Accepted draft tokens + 1 per step (vLLM's convention)."""
         return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
+
+    def copy(self) -> SequenceStats:
+        return SequenceStats(self.num_steps, self.num_draft_tokens, self.num_accepted_tokens,
+                             list(self.num_accepted_per_position))
 
     def record(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.num_steps += 1
@@ -80,21 +85,20 @@ class Sequence:
 
     def mark(self) -> SequenceMark:
         """What a step may change here, to `restore` if the step fails: counters, no caches."""
-        stats = replace(self.stats, num_accepted_per_position=list(self.stats.num_accepted_per_position))
         generator_state = None if self.request.sampling.is_greedy else self.generator.get_state()
-        return SequenceMark(len(self.output_token_ids), self.finish_reason, self.stop_text_end, stats, generator_state)
+        return SequenceMark(len(self.output_token_ids), self.finish_reason, self.stop_text_end, self.stats.copy(),
+                            generator_state)
 
     def restore(self, mark: SequenceMark) -> None:
         """Back to `mark` (a step only appends tokens: see `StopRules.append`)."""
         del self.output_token_ids[mark.num_output_tokens:]
         self.finish_reason, self.stop_text_end = mark.finish_reason, mark.stop_text_end
-        self.stats = replace(mark.stats, num_accepted_per_position=list(mark.stats.num_accepted_per_position))
+        self.stats = mark.stats.copy()
         if mark.generator_state is not None:
             self.generator.set_state(mark.generator_state)
 
 
-@dataclass(frozen=True, eq=False)
-class SequenceMark:
+class SequenceMark(NamedTuple):  # taken every step: a tuple is the cheapest record
     num_output_tokens: int
     finish_reason: FinishReason | None
     stop_text_end: int | None
