@@ -208,3 +208,18 @@ def test_the_largest_parameters_the_engine_takes_run(tiny):
     seqs = run(engine, [GenerationRequest(PROMPTS[0], SamplingParams(temperature=1.0, top_k=2**63 - 1, seed=2**64 - 1)),
                         GenerationRequest(PROMPTS[1], SamplingParams(temperature=1.0, seed=-2**63))])
     assert all(seq.finish_reason == FinishReason.LENGTH for seq in seqs)
+
+
+def test_a_prompt_the_target_cannot_embed_fails_alone(tiny, reference):
+    """No injection: a token id past the vocabulary (the serving edge refuses it; a direct engine
+    user may not) makes the target's forward raise on the CPU. It joins running sequences."""
+    models = tiny("llama")
+    engine = greedy_engine(models)
+    seqs = [engine.add_request(GenerationRequest(prompt, max_tokens=MAX_TOKENS)) for prompt in PROMPTS]
+    engine.step()
+    bad = engine.add_request(GenerationRequest([5, models.target.config.vocab_size + 5, 7], max_tokens=MAX_TOKENS))
+    while engine.has_unfinished():
+        engine.step()
+
+    assert [seq.output_token_ids for seq in seqs] == [reference("llama", prompt, MAX_TOKENS) for prompt in PROMPTS]
+    assert bad.finish_reason == FinishReason.ERROR and bad.output_token_ids == [] and "IndexError" in bad.error
