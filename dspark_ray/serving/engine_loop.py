@@ -74,7 +74,7 @@ class EngineLoop:
     def step(self) -> None:
         try:
             finished = self.engine.step()
-        except Exception as error:  # the engine is down (EngineUnavailable): its requests fail, never the server
+        except Exception as error:  # the engine is down (EngineUnavailable), not one sequence: all its requests fail
             self.fail_all(f"engine step failed: {error}")
             return
         for stream in list(self._streams.values()):
