@@ -528,7 +528,8 @@ def test_a_forward_returns_rows_in_the_order_named(tiny, monkeypatch, feed, batc
                                                     for seq_id in cached})
 
 
-@pytest.mark.parametrize("feed", [{0: [19, 20]}, {0: [19, 20], 1: [21], 2: [22, 23, 24]}], ids=["some-rows", "all-rows"])
+@pytest.mark.parametrize("feed", [{0: [19, 20]}, {0: [19, 20], 1: [21], 2: [22, 23, 24]}],
+                         ids=["some-rows", "all-rows"])
 def test_a_failed_forward_leaves_the_cache_as_it_was(tiny, monkeypatch, feed):
     model = tiny("deepseek_v3").target
     runner = filled_runner(model)

@@ -147,7 +147,8 @@ def test_a_culprit_admitted_beside_running_sequences_fails_alone(tiny, reference
     while engine.has_unfinished():
         engine.step()
 
-    assert [seq.output_token_ids for seq in others] == [reference("llama", prompt, MAX_TOKENS) for prompt in PROMPTS[:4]]
+    expected = [reference("llama", prompt, MAX_TOKENS) for prompt in PROMPTS[:4]]
+    assert [seq.output_token_ids for seq in others] == expected
     assert_culprit_failed(poison.culprit, poison, None)
     assert poison.culprit.output_token_ids == []
 

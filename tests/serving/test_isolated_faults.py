@@ -59,7 +59,8 @@ def check(deltas_by_request: list[list], target_only) -> None:
             continue
         expected = target_only.generate(target_only.encode(text), MAX_TOKENS)
         assert token_ids == expected, text
-        assert "".join(delta.text for delta in deltas) == target_only.tokenizer.decode(expected, skip_special_tokens=True)
+        text_streamed = "".join(delta.text for delta in deltas)
+        assert text_streamed == target_only.tokenizer.decode(expected, skip_special_tokens=True)
         assert last.finish_reason in ("stop", "length") and last.error is None
 
 
