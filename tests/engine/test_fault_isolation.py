@@ -10,7 +10,7 @@ import pytest
 
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine import verifier as verifier_module
-from dspark_ray.engine.engine import SpeculativeEngine
+from dspark_ray.engine.engine import EngineUnavailable, SpeculativeEngine
 from dspark_ray.engine.sequence import FinishReason, GenerationRequest, Sequence
 from harness import Alternating, make_drafter, make_engine
 
@@ -224,3 +224,21 @@ def test_a_prompt_the_target_cannot_embed_fails_alone(tiny, reference):
 
     assert [seq.output_token_ids for seq in seqs] == [reference("llama", prompt, MAX_TOKENS) for prompt in PROMPTS]
     assert bad.finish_reason == FinishReason.ERROR and bad.output_token_ids == [] and "IndexError" in bad.error
+
+
+def test_an_unavailable_engine_fails_the_step_as_a_whole(tiny, monkeypatch):
+    """`EngineUnavailable` (e.g. the target group is being rebuilt) blames no sequence: no retries."""
+    engine = greedy_engine(tiny("llama"))
+    for prompt in PROMPTS:
+        engine.add_request(GenerationRequest(prompt, max_tokens=MAX_TOKENS))
+    engine.step()
+    calls = []
+
+    def down(*args):
+        calls.append(args)
+        raise EngineUnavailable("the target is down")
+
+    monkeypatch.setattr(engine.verifier, "verify_and_add", down)
+    with pytest.raises(EngineUnavailable):
+        engine.step()
+    assert len(calls) == 1 and not engine.undrafted
