@@ -156,6 +156,21 @@ class BatchKVCache:
         self.slot_valid = _put_rows(torch.cat([self.slot_valid, torch.zeros(self.num_rows, extra, dtype=torch.bool)],
                                               1), index, part.slot_valid)
 
+    @contextmanager
+    def undone_on_error(self) -> Iterator[None]:
+        """A forward whose appends are undone if it raises midway (some layers appended, others
+        not). An append gives a layer new tensors, so keeping the old ones copies nothing."""
+        saved = [(layer, getattr(layer, "is_initialized", False), getattr(layer, "keys", None),
+                  getattr(layer, "values", None)) for layer in self.hf_cache.layers]
+        try:
+            yield
+        except BaseException:
+            for layer, initialized, keys, values in saved:
+                layer.keys, layer.values = keys, values
+                if hasattr(layer, "is_initialized"):
+                    layer.is_initialized = initialized
+            raise
+
     def needs_compaction(self) -> bool:
         """Holes cost on every forward (the HF cache grows by concatenating all its slots, and
         attention spans every slot); compacting costs about one such copy. So compact as soon as

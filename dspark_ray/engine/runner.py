@@ -148,7 +148,8 @@ class CausalLMRunner:
         input_ids, position_ids = inputs.input_ids.to(self.device), inputs.position_ids.to(self.device)
         if packing is not None:
             input_ids, position_ids = packing.pack(input_ids), packing.pack(position_ids)
-        with self.capture.recording() if self.capture is not None else nullcontext(), \
+        with cache.undone_on_error(), \
+                self.capture.recording() if self.capture is not None else nullcontext(), \
                 packed(packing) if packing is not None else nullcontext(), \
                 absorbing() if inputs.input_ids.shape[1] <= self.absorb_up_to else nullcontext():
             output = self.model(

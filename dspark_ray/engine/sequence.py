@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 
@@ -13,6 +14,7 @@ from dspark_ray.core.sampling import SamplingParams, make_generator
 class FinishReason(str, Enum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens or the context limit
+    ERROR = "error"  # a step failed because of this sequence (`SpeculativeEngine.step`); `Sequence.error` says why
 
 
 @dataclass
@@ -26,6 +28,10 @@ class SequenceStats:
     def mean_acceptance_length(self) -> float:
         """Accepted draft tokens + 1 per step (vLLM's convention)."""
         return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
+
+    def copy(self) -> SequenceStats:
+        return SequenceStats(self.num_steps, self.num_draft_tokens, self.num_accepted_tokens,
+                             list(self.num_accepted_per_position))
 
     def record(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.num_steps += 1
@@ -55,6 +61,7 @@ class Sequence:
     stats: SequenceStats = field(default_factory=SequenceStats)
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None  # output text is cut here when a stop string matched
+    error: str | None = None  # why the sequence finished with FinishReason.ERROR
 
     @classmethod
     def create(cls, seq_id: int, request: GenerationRequest) -> "Sequence":
@@ -75,3 +82,25 @@ class Sequence:
     @property
     def remaining_tokens(self) -> int:
         return self.request.max_tokens - len(self.output_token_ids)
+
+    def mark(self) -> SequenceMark:
+        """What a step may change here, to `restore` if the step fails: counters, no caches."""
+        generator_state = None if self.request.sampling.is_greedy else self.generator.get_state()
+        return SequenceMark(len(self.output_token_ids), self.finish_reason, self.stop_text_end, self.stats.copy(),
+                            generator_state)
+
+    def restore(self, mark: SequenceMark) -> None:
+        """Back to `mark` (a step only appends tokens: see `StopRules.append`)."""
+        del self.output_token_ids[mark.num_output_tokens:]
+        self.finish_reason, self.stop_text_end = mark.finish_reason, mark.stop_text_end
+        self.stats = mark.stats.copy()
+        if mark.generator_state is not None:
+            self.generator.set_state(mark.generator_state)
+
+
+class SequenceMark(NamedTuple):  # taken every step: a tuple is the cheapest record
+    num_output_tokens: int
+    finish_reason: FinishReason | None
+    stop_text_end: int | None
+    stats: SequenceStats
+    generator_state: torch.Tensor | None  # sampled sequences only: greedy ones draw nothing

@@ -74,7 +74,7 @@ class EngineLoop:
     def step(self) -> None:
         try:
             finished = self.engine.step()
-        except Exception as error:  # a broken step fails its requests, never the server
+        except Exception as error:  # the engine is down (EngineUnavailable), not one sequence: all its requests fail
             self.fail_all(f"engine step failed: {error}")
             return
         for stream in list(self._streams.values()):
@@ -115,6 +115,7 @@ class EngineLoop:
             num_prompt_tokens=len(seq.request.prompt_token_ids),
             num_output_tokens=len(seq.output_token_ids),
             finish_reason=seq.finish_reason.value if seq.is_finished else None,
+            error=seq.error,  # a step failed because of this sequence alone (`SpeculativeEngine.step`)
             stats=_stats(seq) if seq.is_finished else None,
         ))
 

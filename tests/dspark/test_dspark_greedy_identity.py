@@ -91,3 +91,33 @@ def test_factory_builds_dspark_engine_from_directories(tiny_targets, tiny_dspark
     seqs = engine.generate([GenerationRequest(list(p), max_tokens=n) for p, n in zip(PROMPTS, MAX_TOKENS)])
 
     assert_identical(reference, arch, seqs)
+
+
+def test_a_sequence_that_fails_a_step_fails_alone_and_the_others_keep_drafting(tiny_targets, tiny_dspark, reference,
+                                                                              monkeypatch):
+    """A fault after the target's forward captured every row's features (the verification rule):
+    the step is undone, the drafter's contexts roll back with it, and the others go on drafting."""
+    from dspark_ray.engine import verifier as verifier_module
+
+    arch = "llama"
+    engine = make_engine(tiny_targets(arch).target, tiny_dspark(arch, "gated", block_size=6).model, 4)
+    seqs = [engine.add_request(GenerationRequest(list(p), max_tokens=n)) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    culprit, drafted_at_fault = seqs[2], {}
+    verify = verifier_module._verify
+
+    def poisoned(step_seqs, proposal, logits):
+        if culprit in step_seqs and len(culprit.output_token_ids) >= 6:
+            drafted_at_fault.update({seq.seq_id: seq.stats.num_draft_tokens for seq in seqs})
+            raise RuntimeError("poisoned")
+        return verify(step_seqs, proposal, logits)
+
+    monkeypatch.setattr(verifier_module, "_verify", poisoned)
+    while engine.has_unfinished():
+        engine.step()
+
+    survivors = [index for index in range(len(PROMPTS)) if index != 2]
+    assert_identical(reference, arch, [seqs[i] for i in survivors], [PROMPTS[i] for i in survivors],
+                     [MAX_TOKENS[i] for i in survivors])
+    assert culprit.finish_reason == FinishReason.ERROR
+    assert all(seqs[i].stats.num_draft_tokens > drafted_at_fault[seqs[i].seq_id] for i in survivors)
+    assert engine.drafter.cache._lengths == {} and not engine.undrafted

@@ -528,7 +528,9 @@ def test_a_forward_returns_rows_in_the_order_named(tiny, monkeypatch, feed, batc
                                                     for seq_id in cached})
 
 
-def test_a_failed_forward_over_some_rows_leaves_the_cache_as_it_was(tiny, monkeypatch):
+@pytest.mark.parametrize("feed", [{0: [19, 20]}, {0: [19, 20], 1: [21], 2: [22, 23, 24]}],
+                         ids=["some-rows", "all-rows"])
+def test_a_failed_forward_leaves_the_cache_as_it_was(tiny, monkeypatch, feed):
     model = tiny("deepseek_v3").target
     runner = filled_runner(model)
     before = cache_snapshot(runner)
@@ -540,7 +542,7 @@ def test_a_failed_forward_over_some_rows_leaves_the_cache_as_it_was(tiny, monkey
 
     monkeypatch.setattr(type(model), "forward", fails_after_the_cache_grew)
     with pytest.raises(RuntimeError, match="device lost"):
-        runner.forward({0: [19, 20]})
+        runner.forward(feed)
 
     after = cache_snapshot(runner)
     for tensors_before, tensors_after in zip(before[:2], after[:2]):

@@ -44,6 +44,17 @@ class DraftProposal:
         return DraftProposal(self.draft_token_ids[index], self.num_draft_tokens[index], draft_probs,
                              confidence_logits)
 
+    def scatter(self, rows: list[int], batch_size: int) -> "DraftProposal":
+        """This proposal of `rows` placed into one of `batch_size` rows; the others draft nothing."""
+        if rows == list(range(batch_size)):
+            return self
+        index = torch.tensor(rows, dtype=torch.long)
+        num_draft_tokens = torch.zeros(batch_size, dtype=torch.long)
+        num_draft_tokens[index] = self.num_draft_tokens
+        return DraftProposal(_scatter(self.draft_token_ids, index, batch_size), num_draft_tokens,
+                             _scatter(self.draft_probs, index, batch_size),
+                             _scatter(self.confidence_logits, index, batch_size))
+
     @classmethod
     def empty(cls, batch_size: int) -> "DraftProposal":
         return cls(torch.zeros(batch_size, 0, dtype=torch.long), torch.zeros(batch_size, dtype=torch.long), None)
@@ -64,6 +75,15 @@ class DraftProposal:
                     draft_probs[row, : len(row_probs)] = torch.stack(row_probs)
         num_draft_tokens = torch.tensor([len(row) for row in tokens], dtype=torch.long)
         return cls(token_ids, num_draft_tokens, draft_probs)
+
+
+def _scatter(rows: torch.Tensor | None, index: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    """`rows` [b, ...] at `index` [b] of zeros [batch_size, ...]."""
+    if rows is None:
+        return None
+    whole = rows.new_zeros(batch_size, *rows.shape[1:])
+    whole[index] = rows
+    return whole
 
 
 class Drafter(Protocol):

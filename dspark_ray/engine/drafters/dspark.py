@@ -111,8 +111,7 @@ class DSparkDrafter:
         if not rows:
             return DraftProposal.empty(len(seqs))
         active = [seqs[row] for row in rows]
-        draft = self._draft(active, [budgets[row] for row in rows])
-        return _scatter_rows(draft, rows, budgets, len(seqs), self.vocab_size)
+        return self._draft(active, [budgets[row] for row in rows]).scatter(rows, len(seqs))
 
     def _draft(self, seqs: list[Sequence], budgets: list[int]) -> DraftProposal:
         device = self.model.mask_embedding.device
@@ -144,20 +143,3 @@ class DSparkDrafter:
             prev = chosen
         return DraftProposal(tokens, torch.tensor(budgets), draft_probs, confidence)
 
-
-def _scatter_rows(draft: DraftProposal, rows: list[int], budgets: list[int], batch_size: int,
-                  vocab_size: int) -> DraftProposal:
-    """Place the drafts of the drafting rows into a proposal for the whole batch."""
-    width = draft.draft_token_ids.shape[1]
-    if rows == list(range(batch_size)):
-        return draft
-    index = torch.tensor(rows)
-    tokens = torch.zeros(batch_size, width, dtype=torch.long)
-    tokens[index] = draft.draft_token_ids
-    confidence = torch.zeros(batch_size, width)
-    confidence[index] = draft.confidence_logits
-    draft_probs = None
-    if draft.draft_probs is not None:
-        draft_probs = torch.zeros(batch_size, width, vocab_size)
-        draft_probs[index] = draft.draft_probs
-    return DraftProposal(tokens, torch.tensor(budgets), draft_probs, confidence)

@@ -37,13 +37,13 @@ from __future__ import annotations
 import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dspark_ray.engine.drafters.base import DraftProposal
 from dspark_ray.engine.engine import SpeculativeEngine, record_rate
 from dspark_ray.engine.governor import bucket_size
-from dspark_ray.engine.sequence import Sequence
+from dspark_ray.engine.sequence import Sequence, SequenceMark
 from dspark_ray.engine.strategy_chooser import StrategyChooser
 
 Pipelining = Literal["auto", "on", "off"]
@@ -54,6 +54,9 @@ TARGET_TIME_SMOOTHING = 0.5  # weight of the last step in the estimate of the ta
 class MicroBatch:
     seqs: list[Sequence]
     proposal: DraftProposal  # rows in the order of seqs
+    # The sequences as they were before a proposal of an earlier step drew from their generators:
+    # undoing a failed step that verifies this batch takes them back to before the proposal.
+    marks: dict[int, SequenceMark] = field(default_factory=dict)
 
 
 class PipeliningChooser(StrategyChooser):
@@ -75,7 +78,7 @@ class PipelinedEngine(SpeculativeEngine):
         self._unfreed: list[int] = []  # released sequences the workers still hold
         self.pipelined_governor = copy.deepcopy(self.governor)  # fresh: times pipelined steps only
 
-    def step(self) -> list[Sequence]:
+    def _advance(self) -> None:
         chooser = self.chooser(min(self.max_batch_size, len(self.running) + len(self.waiting)))
         pipelined = chooser.next_mode() if self.pipelining == "auto" else self.pipelining == "on"
         before = {seq.seq_id: len(seq.output_token_ids) for seq in self.running}
@@ -84,12 +87,24 @@ class PipelinedEngine(SpeculativeEngine):
             self._ready = self._still_running(self._ready, [seq for seq in self.running if not seq.is_finished])
             self._free_now()
         if pipelined or self._ready is not None:  # switching off: first verify what is proposed
-            finished = self._pipelined_step(propose_next=pipelined)
+            self._pipelined_step(propose_next=pipelined)
         else:
-            finished = super().step()
-        num_tokens = sum(len(seq.output_token_ids) - before.get(seq.seq_id, 0) for seq in self.running + finished)
+            super()._advance()
+        num_tokens = sum(len(seq.output_token_ids) - before.get(seq.seq_id, 0) for seq in self.running)
         chooser.record(pipelined, num_tokens, time.perf_counter() - start)
-        return finished
+
+    def _mark_step(self) -> dict[int, SequenceMark]:
+        marks = super()._mark_step()
+        if self._ready is not None:
+            marks.update((seq_id, mark) for seq_id, mark in self._ready.marks.items() if seq_id in marks)
+        return marks
+
+    def _undo(self, seqs: list[Sequence], marks: dict[int, SequenceMark], new: set[int]) -> None:
+        """Also drop the proposal in flight (its draws are undone with the marks) and free now
+        what the failed step may not have freed."""
+        self._ready = None
+        self._free_now()
+        super()._undo(seqs, marks, new)
 
     def chooser(self, batch_size: int) -> PipeliningChooser:
         """The pipelining chooser of steps of `batch_size` sequences."""
@@ -114,7 +129,7 @@ class PipelinedEngine(SpeculativeEngine):
     def shutdown(self) -> None:
         self._drafting.shutdown(wait=True)
 
-    def _pipelined_step(self, propose_next: bool) -> list[Sequence]:
+    def _pipelined_step(self, propose_next: bool) -> None:
         start = time.perf_counter()
         # nothing to draft meanwhile: prefill first
         admitted_first = self.admit() if all(seq.is_finished for seq in self.running) else []
@@ -122,8 +137,9 @@ class PipelinedEngine(SpeculativeEngine):
         governed = propose_next and self.pipelined_governor is not None and bool(active)
         draft_limit = self.pipelined_governor.draft_limit(len(active)) if governed else None
         ready, upcoming = self._micro_batches(active, draft_limit, propose_next)
-        unfreed, self._unfreed = self._unfreed, []
+        unfreed = self._unfreed
         time_budget = self.target_seconds if self.time_boxed_drafting else None
+        upcoming_marks = {seq.seq_id: seq.mark() for seq in upcoming}
         drafting = (self._drafting.submit(self._free_and_propose, unfreed, upcoming, draft_limit, time_budget)
                     if upcoming else None)
         try:  # the target frees, prefills new prompts and verifies while the drafter drafts
@@ -136,6 +152,7 @@ class PipelinedEngine(SpeculativeEngine):
                 self._observe_target(time.perf_counter() - target_start)
         finally:  # never leave a proposal running into the next step
             upcoming_proposal = drafting.result() if drafting is not None else None
+        self._unfreed = []  # freed by both (a failed step frees them again: `_undo`)
         if drafting is None and unfreed:
             self.drafter.remove(unfreed)
         self.introduce(admitted, target_features)
@@ -146,8 +163,7 @@ class PipelinedEngine(SpeculativeEngine):
                 record_rate(self.pipelined_governor, len(active), draft_limit, ready.seqs, ready.proposal, before,
                             start)
         if upcoming:
-            self._ready = MicroBatch(upcoming, upcoming_proposal)
-        return self.retire()
+            self._ready = MicroBatch(upcoming, upcoming_proposal, upcoming_marks)
 
     def _micro_batches(self, active: list[Sequence], draft_limit: int | None, propose_next: bool
                        ) -> tuple[MicroBatch | None, list[Sequence]]:
@@ -183,4 +199,4 @@ class PipelinedEngine(SpeculativeEngine):
             return None
         if len(rows) == len(batch.seqs):
             return batch
-        return MicroBatch([batch.seqs[row] for row in rows], batch.proposal.select(rows))
+        return MicroBatch([batch.seqs[row] for row in rows], batch.proposal.select(rows), batch.marks)

@@ -26,6 +26,7 @@ import grpc
 import torch
 
 from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
+from dspark_ray.engine.engine import EngineUnavailable
 from dspark_ray.engine.runner import FUSED_PROMPT_TOKENS_PADDED
 from dspark_ray.engine.sequence import Sequence
 from dspark_ray.engine.verifier import VerifyOutput
@@ -36,7 +37,7 @@ from dspark_ray.serving.wire import worker_pb2 as pb
 SEED_BOUND = 1 << 62
 
 
-class TargetUnavailable(RuntimeError):
+class TargetUnavailable(EngineUnavailable):
     """The target group failed (or is being rebuilt); the affected sequences cannot continue."""
 
 
@@ -107,7 +108,8 @@ class _KnownTokens:
             self.generation = generation
 
     def updates(self, seqs: list[Sequence]) -> list[pb.TokenUpdate]:
-        return [convert.token_update(seq, self.counts[seq.seq_id]) for seq in seqs
+        """Fewer tokens than the worker holds (a failed step undone) roll its copy back."""
+        return [convert.token_update(seq, min(self.counts[seq.seq_id], seq.num_tokens)) for seq in seqs
                 if seq.num_tokens != self.counts[seq.seq_id]]
 
     def mark(self, seqs: list[Sequence]) -> None:

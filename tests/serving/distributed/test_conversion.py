@@ -10,6 +10,7 @@ from dspark_ray.engine.drafters.base import DraftProposal
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 from dspark_ray.serving.distributed import codec, convert
 from dspark_ray.serving.distributed.mirror import SequenceMirror, SequenceStateError
+from dspark_ray.serving.distributed.remote import _KnownTokens
 
 VOCAB = 50
 
@@ -30,6 +31,23 @@ def test_sequence_specs_and_updates_reach_the_mirror() -> None:
     assert copy.token_ids == [1, 2, 3, 4, 5, 6]
     mirror.apply([convert.token_update(seq, num_known_tokens=6)])  # nothing new: no change
     assert copy.token_ids == seq.token_ids
+
+
+def test_an_undone_step_rolls_the_mirror_back() -> None:
+    """A failed step undone on the coordinator (`SpeculativeEngine.step`) leaves a sequence with
+    fewer tokens than its worker holds; the next update says so and the copy follows."""
+    seq = _seq(2, [1, 2, 3], [4, 5, 6])
+    mirror = SequenceMirror()
+    [copy] = mirror.add([convert.spec_to_wire(seq, seed=0, with_output=True)])
+    known = _KnownTokens()
+    known.mark([seq])
+    del seq.output_token_ids[1:]  # undone: the retry's first command carries the roll-back
+    mirror.apply(known.updates([seq]))
+    known.mark([seq])
+    assert copy.token_ids == [1, 2, 3, 4]
+    seq.output_token_ids.append(9)  # the retry's commit
+    mirror.apply(known.updates([seq]))
+    assert copy.token_ids == seq.token_ids == [1, 2, 3, 4, 9]
 
 
 def test_mirror_refuses_what_it_cannot_know() -> None:

@@ -232,3 +232,41 @@ def test_chooser_exploits_the_faster_strategy() -> None:
         chooser.record(pipelined, num_tokens=10 if pipelined else 5, seconds=1.0)
     assert [chooser.next_mode() for _ in range(6)] == [True] * 6 and chooser.preferred is True
     assert [chooser.next_mode() for _ in range(4)] == [True, True, False, False]  # again, the incumbent first
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("site", ["verify", "propose"])
+def test_a_fault_in_one_sequence_fails_it_alone(tiny, local_outputs, site: str, sampled: bool) -> None:
+    """A pipelined step that fails because of one sequence (verifying its micro-batch, or drafting
+    it on the drafter's thread) is undone, the proposal in flight with it; the others go on as the
+    plain engine runs them without the culprit, seeded samples too."""
+    config = engine_config(tiny("llama"), "model")
+    sampling = [SamplingParams(temperature=0.8, top_k=30, seed=i) if sampled else SamplingParams()
+                for i in range(len(PROMPTS))]
+    requests = [GenerationRequest(prompt, params, max_tokens=16) for prompt, params in zip(PROMPTS, sampling)]
+    engine = _pipelined(config)
+    culprit: list = []
+    part = engine.verifier if site == "verify" else engine.drafter
+    for verb in ("verify", "verify_and_add") if site == "verify" else ("propose",):  # pipelined, plain steps
+        setattr(part, verb, poisoned(getattr(part, verb), culprit))
+    seqs = [engine.add_request(request) for request in requests]
+    culprit.append(seqs[2])
+    while engine.has_unfinished():
+        engine.step()
+
+    survivors = seqs[:2] + seqs[3:]
+    assert outputs(survivors) == local_outputs(config, requests[:2] + requests[3:])
+    if site == "verify":
+        assert seqs[2].finish_reason.value == "error" and "poisoned" in seqs[2].error
+    else:  # a drafter fault: the target alone finishes it
+        assert seqs[2].finish_reason.value == "length"
+    assert engine.verifier.runner.seq_ids == [] and engine.drafter.runner.seq_ids == []
+
+
+def poisoned(call, culprit: list):
+    """`call` raising when the culprit is among its sequences with 4 output tokens or more."""
+    def wrapped(seqs, *args):
+        if any(seq is culprit[0] and len(seq.output_token_ids) >= 4 for seq in seqs):
+            raise RuntimeError("poisoned")
+        return call(seqs, *args)
+    return wrapped
