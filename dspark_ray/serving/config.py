@@ -131,6 +131,12 @@ class AppConfig(FrozenModel):
             "with a 504 (or an error event in a stream). None: no deadline."
         ),
     )
+    max_request_body_bytes: int = Field(
+        4 * 2**20, ge=1024, description=(
+            "Largest HTTP request body a router accepts, in bytes; a longer one (by its Content-Length, "
+            "or while a chunked body is read) is answered 413 before any parsing."
+        ),
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model-server replicas.")
     colocate_router: bool = Field(
         False, description=(

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.serving.wire import inference_pb2 as pb
-from dspark_ray.serving.openai_api import MAX_SEED, ApiError, InferenceRequest, stop_strings
+from dspark_ray.serving.openai_api import ApiError, InferenceRequest, sampling_params, stop_strings
 from dspark_ray.serving.protocol import CompletionDelta
 
 if TYPE_CHECKING:
@@ -39,15 +38,10 @@ def to_inference_request(message: pb.GenerateRequest, request_id: str) -> Infere
     max_tokens = message.max_tokens if message.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         raise ApiError(400, "invalid_value", "max_tokens must be >= 1", "max_tokens")
-    if message.HasField("seed") and not 0 <= message.seed <= MAX_SEED:
-        raise ApiError(400, "invalid_value", f"seed must be in [0, {MAX_SEED}]", "seed")
-    try:
-        sampling = SamplingParams(
-            temperature=message.temperature if message.HasField("temperature") else 0.0,
-            top_k=message.top_k, top_p=message.top_p if message.HasField("top_p") else 1.0,
-            min_p=message.min_p, seed=message.seed if message.HasField("seed") else None)
-    except ValueError as error:
-        raise ApiError(400, "invalid_value", str(error)) from None
+    sampling = sampling_params(
+        temperature=message.temperature if message.HasField("temperature") else 0.0,
+        top_k=message.top_k, top_p=message.top_p if message.HasField("top_p") else 1.0,
+        min_p=message.min_p, seed=message.seed if message.HasField("seed") else None)
     return InferenceRequest(request_id, prompt_text=text, prompt_token_ids=token_ids, sampling=sampling,
                             max_tokens=max_tokens, stop=stop_strings(list(message.stop)),
                             ignore_eos=message.ignore_eos)

@@ -234,7 +234,7 @@ def build_http_app(router: Router) -> FastAPI:
 
 async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
     tenant = router.authenticate(http_request.headers.get("authorization"))
-    raw = await http_request.body()
+    raw = await read_body(http_request, router.config.max_request_body_bytes)
     body = parse_body(raw, ChatCompletionBody if chat else CompletionBody)
     router.check_model(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -255,6 +255,24 @@ async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(_sse_events(completion, first, deltas, chat, include_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to pass `limit` bytes: from Content-Length, then as read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(limit)
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise _body_too_large(limit)
+        chunks.append(piece)
+    return b"".join(chunks)
+
+
+def _body_too_large(limit: int) -> ApiError:
+    return ApiError(413, "request_too_large", f"the request body is larger than {limit} bytes")
 
 
 def _absorb(completion: Completion, delta: CompletionDelta) -> None:
