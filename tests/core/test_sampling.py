@@ -66,6 +66,7 @@ def reference_probs(
         dict(top_k=2**63),
         dict(top_k=2.5),
         dict(top_p=0.0),
+        dict(top_p=1e-320),  # 0 in float32: would remove every token
         dict(top_p=1.01),
         dict(top_p=math.nan),
         dict(min_p=-0.01),
