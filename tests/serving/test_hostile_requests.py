@@ -5,6 +5,7 @@ them the server is healthy and greedy output is still the target's alone."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -417,6 +418,44 @@ def test_enough_cases() -> None:
     cases = CASES + HOSTILE_CASES + ACCEPTED + AUTH_CASES
     assert len({c.id for c in cases}) == len(cases) and len({c.id for c in GRPC_CASES}) == len(GRPC_CASES)
     assert len(cases) + len(GRPC_CASES) >= 120
+
+
+def test_large_bodies_during_open_streams(served_app, target_only) -> None:
+    """A 10 MB body, an over-long prompt and a long chat to tokenize arrive while 4 greedy streams are
+    open: each gets its 4xx, and the 4 streams finish identical to the target alone."""
+    prompts = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n", "Once upon a time"]
+    max_tokens = 32
+    long_chat = chat(messages=[{"role": "system", "content": "ab " * 2**16}] * 16 + [{"role": "user", "content": "x"}])
+
+    async def stream(client: httpx.AsyncClient, prompt: str, opened: asyncio.Event) -> list[int]:
+        token_ids = []
+        body = completion(prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True, return_token_ids=True)
+        async with client.stream("POST", "/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    token_ids += json.loads(line[len("data: "):])["choices"][0].get("token_ids", [])
+                    opened.set()
+        return token_ids
+
+    async def hostile(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await client.post("/completions", content=OVER_LIMIT, headers={"content-type": "application/json"}),
+                await client.post("/completions", json=completion(prompt=LONG_TEXT)),
+                await client.post("/chat/completions", json=long_chat)]
+
+    async def run() -> tuple[list[list[int]], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=served_app.base_url, timeout=120) as client:
+            opened = [asyncio.Event() for _ in prompts]
+            streams = [asyncio.create_task(stream(client, p, e)) for p, e in zip(prompts, opened)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened)), 120)
+            responses = await hostile(client)
+            return await asyncio.gather(*streams), responses
+
+    outputs, responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [413, 400, 400], [r.text for r in responses]
+    assert [r.json()["error"]["code"] for r in responses] == ["request_too_large"] + ["context_length_exceeded"] * 2
+    for prompt, output in zip(prompts, outputs):
+        assert output == target_only.generate(target_only.encode(prompt), max_tokens), prompt
+    assert served_app.wait_until_idle() == 0
 
 
 def test_healthy_and_lossless_after_hostile_requests(served_app, target_only) -> None:
