@@ -48,6 +48,11 @@ def completion(**fields) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "def f(x):", "max_tokens": 4, **fields}
 
 
+def raw(fields: bytes) -> bytes:
+    """A completion body written by hand: `fields` follow the model name as they are."""
+    return b'{"model": "dspark-reference", ' + fields + b"}"
+
+
 def chat(**fields) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
 
@@ -144,8 +149,8 @@ HOSTILE_CASES = [
     Case("temperature_under_min", completion(temperature=MIN_TEMPERATURE / 2), 400, "invalid_value",
          param="temperature"),
     Case("top_p_float32_zero", completion(top_p=1e-320), 400, "invalid_value", param="top_p"),
-    Case("temperature_overflow", b'{"model": "dspark-reference", "prompt": "x", "temperature": 1e999}', 400,
-         "invalid_value", param="temperature"),
+    Case("temperature_overflow", raw(b'"prompt": "x", "temperature": 1e999'), 400, "invalid_value",
+         param="temperature"),
     Case("temperature_null", completion(temperature=None), 400, "invalid_type", param="temperature"),
     Case("temperature_nan_string", completion(temperature="NaN"), 400, "invalid_type", param="temperature"),
     Case("min_p_negative", completion(min_p=-0.5), 400, "invalid_value", param="min_p"),
@@ -186,38 +191,28 @@ HOSTILE_CASES = [
     Case("chat_stop_too_long", chat(stop="x" * (MAX_STOP_CHARS + 1)), 400, "invalid_value", CHAT, param="stop"),
     Case("chat_empty_stop", chat(stop=""), 400, "invalid_value", CHAT, param="stop"),
     # finding 6: text that is not text, JSON that is not JSON
-    Case("lone_high_surrogate", b'{"model": "dspark-reference", "prompt": "abc\\ud800def"}', 400, "invalid_unicode"),
-    Case("lone_low_surrogate", b'{"model": "dspark-reference", "prompt": "\\udc00"}', 400, "invalid_unicode"),
-    Case("reversed_surrogate_pair", b'{"model": "dspark-reference", "prompt": "\\ude00\\ud83d"}', 400,
-         "invalid_unicode"),
-    Case("surrogate_in_stop", b'{"model": "dspark-reference", "prompt": "x", "stop": "\\ud800"}', 400,
-         "invalid_unicode"),
-    Case("surrogate_in_key", b'{"model": "dspark-reference", "prompt": "x", "\\ud800": 1}', 400,
-         "invalid_unicode"),
-    Case("surrogate_in_user", b'{"model": "dspark-reference", "prompt": "x", "user": "\\udbff"}', 400,
-         "invalid_unicode"),
-    Case("utf8_encoded_surrogate", b'{"model": "dspark-reference", "prompt": "a\xed\xa0\x80b"}', 400,
-         "invalid_unicode"),
-    Case("chat_lone_surrogate", b'{"model": "dspark-reference", "messages": [{"role": "user", '
-         b'"content": "abc\\ud800def"}]}', 400, "invalid_unicode", CHAT),
-    Case("chat_surrogate_in_part", b'{"model": "dspark-reference", "messages": [{"role": "user", '
-         b'"content": [{"type": "text", "text": "\\udfff"}]}]}', 400, "invalid_unicode", CHAT),
-    Case("invalid_utf8", b'{"model": "dspark-reference", "prompt": "\xff\xfe"}', 400, "invalid_json"),
+    Case("lone_high_surrogate", raw(b'"prompt": "abc\\ud800def"'), 400, "invalid_unicode"),
+    Case("lone_low_surrogate", raw(b'"prompt": "\\udc00"'), 400, "invalid_unicode"),
+    Case("reversed_surrogate_pair", raw(b'"prompt": "\\ude00\\ud83d"'), 400, "invalid_unicode"),
+    Case("surrogate_in_stop", raw(b'"prompt": "x", "stop": "\\ud800"'), 400, "invalid_unicode"),
+    Case("surrogate_in_key", raw(b'"prompt": "x", "\\ud800": 1'), 400, "invalid_unicode"),
+    Case("surrogate_in_user", raw(b'"prompt": "x", "user": "\\udbff"'), 400, "invalid_unicode"),
+    Case("utf8_encoded_surrogate", raw(b'"prompt": "a\xed\xa0\x80b"'), 400, "invalid_unicode"),
+    Case("chat_lone_surrogate", raw(b'"messages": [{"role": "user", "content": "abc\\ud800def"}]'), 400,
+         "invalid_unicode", CHAT),
+    Case("chat_surrogate_in_part", raw(b'"messages": [{"role": "user", "content": [{"type": "text", '
+         b'"text": "\\udfff"}]}]'), 400, "invalid_unicode", CHAT),
+    Case("invalid_utf8", raw(b'"prompt": "\xff\xfe"'), 400, "invalid_json"),
     Case("nested_arrays_100k", b"[" * 100_000, 400, "invalid_json"),
     Case("nested_objects_100k", b'{"a":' * 100_000, 400, "invalid_json"),
     Case("nested_closed_100k", b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
     Case("chat_nested_arrays_100k", b"[" * 100_000, 400, "invalid_json", CHAT),
-    Case("nested_prompt_500", b'{"model": "dspark-reference", "prompt": ' + b"[" * 500 + b"]" * 500 + b"}", 400,
-         "invalid_type", param="prompt"),
-    Case("nan_literal", b'{"model": "dspark-reference", "prompt": "x", "temperature": NaN}', 400, "invalid_json"),
-    Case("infinity_literal", b'{"model": "dspark-reference", "prompt": "x", "top_p": Infinity}', 400,
-         "invalid_json"),
-    Case("minus_infinity_literal", b'{"model": "dspark-reference", "prompt": "x", "min_p": -Infinity}', 400,
-         "invalid_json"),
-    Case("chat_nan_literal", b'{"model": "dspark-reference", "messages": [], "temperature": NaN}', 400,
-         "invalid_json", CHAT),
-    Case("integer_5000_digits", b'{"model": "dspark-reference", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
-         400, "invalid_json"),
+    Case("nested_prompt_500", raw(b'"prompt": ' + b"[" * 500 + b"]" * 500), 400, "invalid_type", param="prompt"),
+    Case("nan_literal", raw(b'"prompt": "x", "temperature": NaN'), 400, "invalid_json"),
+    Case("infinity_literal", raw(b'"prompt": "x", "top_p": Infinity'), 400, "invalid_json"),
+    Case("minus_infinity_literal", raw(b'"prompt": "x", "min_p": -Infinity'), 400, "invalid_json"),
+    Case("chat_nan_literal", raw(b'"messages": [], "temperature": NaN'), 400, "invalid_json", CHAT),
+    Case("integer_5000_digits", raw(b'"prompt": "x", "max_tokens": 1' + b"0" * 5000), 400, "invalid_json"),
     Case("trailing_garbage", b'{"model": "dspark-reference", "prompt": "x"} x', 400, "invalid_json"),
     Case("two_objects", b'{"model": "dspark-reference"}{"prompt": "x"}', 400, "invalid_json"),
     Case("single_quotes", b"{'model': 'dspark-reference', 'prompt': 'x'}", 400, "invalid_json"),
@@ -263,8 +258,7 @@ ACCEPTED = [
     Case("seed_int64_max", completion(seed=MAX_SEED, temperature=1.0), 200, ""),
     Case("temperature_min", completion(temperature=MIN_TEMPERATURE), 200, ""),
     Case("stop_longest", completion(stop="x" * MAX_STOP_CHARS), 200, ""),
-    Case("surrogate_pair", b'{"model": "dspark-reference", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}', 200,
-         ""),
+    Case("surrogate_pair", raw(b'"prompt": "smile \\ud83d\\ude00", "max_tokens": 2'), 200, ""),
     Case("utf8_bom", b'\xef\xbb\xbf{"model": "dspark-reference", "prompt": "x", "max_tokens": 2}', 200, ""),
     Case("chat_top_k_int32_max", chat(top_k=MAX_TOP_K), 200, "", CHAT),
 ]
