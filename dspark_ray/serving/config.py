@@ -20,9 +20,7 @@ from dspark_ray.config import EngineConfig
 from dspark_ray.serving.distributed.placement import WorkerPlacement
 
 IMPORT_PATH = "dspark_ray.serving.app:build_app"
-GRPC_SERVICER_FUNCTION = (
-    "dspark_ray.serving.generated.dspark.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server"
-)
+GRPC_SERVICER_FUNCTION = "dspark_ray.serving.wire.add_inference_service"
 DEFAULT_APP_NAME = "dspark"
 
 

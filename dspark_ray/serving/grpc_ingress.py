@@ -3,7 +3,8 @@
 Serve's gRPC proxy calls the router's methods named after the rpcs (`Generate`,
 `GenerateStream`) with the request message and a `grpc_context`; these functions convert the
 message, run it through the same path as HTTP (`Router.generate`) and convert back. Errors
-become gRPC status codes. Generated messages come through `dspark_ray.serving.wire`.
+become gRPC status codes; bytes that did not parse arrive as an `UnparsedRequest` and are
+INVALID_ARGUMENT. Generated messages come through `dspark_ray.serving.wire`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from dspark_ray.serving.wire import UnparsedRequest
 from dspark_ray.serving.wire import inference_pb2 as pb
-from dspark_ray.serving.openai_api import ApiError, InferenceRequest, sampling_params, stop_strings
+from dspark_ray.serving.openai_api import (ApiError, InferenceRequest, request_too_large, sampling_params,
+                                           stop_strings)
 from dspark_ray.serving.protocol import CompletionDelta
 
 if TYPE_CHECKING:
@@ -23,7 +26,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_TOKENS = 16
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-                404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                429: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -53,8 +57,13 @@ def _metadata(grpc_context, key: str) -> str | None:
     return dict(grpc_context.invocation_metadata()).get(key)
 
 
-def _start(router: Router, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[CompletionDelta]:
+def _start(router: Router, message: pb.GenerateRequest | UnparsedRequest, grpc_context
+           ) -> AsyncIterator[CompletionDelta]:
     tenant = router.authenticate(_metadata(grpc_context, "authorization"))
+    if isinstance(message, UnparsedRequest):
+        raise ApiError(400, "invalid_message", f"the request is not a dspark.v1.GenerateRequest: {message.error}")
+    if message.ByteSize() > router.config.max_request_body_bytes:  # the HTTP body limit, for the same prompts
+        raise request_too_large(router.config.max_request_body_bytes)
     if message.model:
         router.check_model(message.model)
     request = to_inference_request(message, f"cmpl-{uuid.uuid4().hex}")

@@ -162,6 +162,10 @@ def parse_body(raw: bytes, model: type[SamplingFields]) -> SamplingFields:
         raise _validation_error(error) from None
 
 
+def request_too_large(limit: int) -> ApiError:
+    return ApiError(413, "request_too_large", f"the request body is larger than {limit} bytes")
+
+
 def load_json(raw: bytes) -> Any:
     """Strict JSON (RFC 8259: no NaN or Infinity) as Python objects; any failure is a 400."""
     try:

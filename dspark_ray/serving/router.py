@@ -29,7 +29,8 @@ from dspark_ray.serving.config import AppConfig, TenantConfig
 from dspark_ray.serving.metrics import RouterMetrics
 from dspark_ray.serving.openai_api import (SSE_DONE, ApiError, ChatCompletionBody, Completion, CompletionBody,
                                            InferenceRequest, RequestRejected, chat_request, chunk,
-                                           completion_request, completion_response, parse_body, sse, usage_chunk)
+                                           completion_request, completion_response, parse_body, request_too_large,
+                                           sse, usage_chunk)
 from dspark_ray.serving.protocol import CompletionDelta
 
 ROUTER_DEPLOYMENT = "Router"
@@ -261,18 +262,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, or a 413 as soon as it is known to pass `limit` bytes: from Content-Length, then as read."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _body_too_large(limit)
+        raise request_too_large(limit)
     chunks, size = [], 0
     async for piece in request.stream():
         size += len(piece)
         if size > limit:
-            raise _body_too_large(limit)
+            raise request_too_large(limit)
         chunks.append(piece)
     return b"".join(chunks)
-
-
-def _body_too_large(limit: int) -> ApiError:
-    return ApiError(413, "request_too_large", f"the request body is larger than {limit} bytes")
 
 
 def _absorb(completion: Completion, delta: CompletionDelta) -> None:

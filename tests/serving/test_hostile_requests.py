@@ -335,7 +335,7 @@ class GrpcCase:
     id: str
     fields: dict[str, Any]  # pb.GenerateRequest fields; bytes: a serialized request as it is
     status: grpc.StatusCode
-    code: str | None = None  # the error code the details start with (None: gRPC's own status)
+    code: str  # the error code the details start with
 
 
 def _raw_request(text: bytes) -> bytes:
@@ -371,11 +371,13 @@ GRPC_CASES = [
     GrpcCase("text_past_context_tokenized", {"text": "a " * 3000}, INVALID, "context_length_exceeded"),
     GrpcCase("empty_token_ids", {"token_ids": pb.TokenIds(ids=[])}, INVALID, "empty_prompt"),
     GrpcCase("unknown_model", {"text": "x", "model": "gpt-4"}, grpc.StatusCode.NOT_FOUND, "model_not_found"),
-    # bytes that are not a GenerateRequest: Serve's gRPC server fails to parse them before any of our
-    # code runs and answers UNKNOWN (documented in deploy/README.md); nothing reaches a model server
-    GrpcCase("text_invalid_utf8", _raw_request(b"\xff\xfe"), grpc.StatusCode.UNKNOWN),
-    GrpcCase("text_encoded_surrogate", _raw_request(b"a\xed\xa0\x80b"), grpc.StatusCode.UNKNOWN),
-    GrpcCase("truncated_message", b"\x12\x7fabc", grpc.StatusCode.UNKNOWN),
+    # bytes that are not a GenerateRequest
+    GrpcCase("text_invalid_utf8", _raw_request(b"\xff\xfe"), INVALID, "invalid_message"),
+    GrpcCase("text_encoded_surrogate", _raw_request(b"a\xed\xa0\x80b"), INVALID, "invalid_message"),
+    GrpcCase("truncated_message", b"\x12\x7fabc", INVALID, "invalid_message"),
+    GrpcCase("wrong_wire_type_is_an_unknown_field", b"\x15\x00\x00\x00\x00", INVALID, "missing_required_parameter"),
+    GrpcCase("message_over_the_body_limit", {"text": "x" * (BODY_LIMIT + 1)}, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             "request_too_large"),
 ]
 
 
@@ -402,10 +404,7 @@ def test_grpc_bad_request(channel, served_app, case: GrpcCase) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             call(raw, metadata=(("application", served_app.name),), timeout=60)
         assert raised.value.code() == case.status, raised.value.details()
-        if case.code is not None:
-            assert raised.value.details().startswith(f"{case.code}: "), raised.value.details()
-        else:
-            assert "DecodeError" in raised.value.details()
+        assert raised.value.details().startswith(f"{case.code}: "), raised.value.details()
 
 
 def test_enough_cases() -> None:
