@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspark_ray.bench import admission, distributed, load, offline, serve
+from dspark_ray.bench import admission, distributed, hostile_body, load, offline, serve
 
 
 def add_parser(subparsers) -> None:
@@ -13,3 +13,4 @@ def add_parser(subparsers) -> None:
     distributed.add_parser(benches)
     admission.add_parser(benches)
     load.add_parser(benches)
+    hostile_body.add_parser(benches)

@@ -131,8 +131,9 @@ class AppConfig(FrozenModel):
     )
     max_request_body_bytes: int = Field(
         4 * 2**20, ge=1024, description=(
-            "Largest HTTP request body a router accepts, in bytes; a longer one (by its Content-Length, "
-            "or while a chunked body is read) is answered 413 before any parsing."
+            "Largest request a router accepts, in bytes: a longer HTTP body (by its Content-Length, or "
+            "while a chunked body is read) is answered 413 before any parsing, a longer gRPC message "
+            "RESOURCE_EXHAUSTED."
         ),
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model-server replicas.")
