@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dspark_ray.bench import admission, burst, distributed, load, offline, serve
+from dspark_ray.bench import admission, burst, distributed, hostile_body, load, offline, serve
 
 
 def add_parser(subparsers) -> None:
@@ -14,3 +14,4 @@ def add_parser(subparsers) -> None:
     admission.add_parser(benches)
     load.add_parser(benches)
     burst.add_parser(benches)
+    hostile_body.add_parser(benches)

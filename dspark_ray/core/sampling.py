@@ -19,6 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Bounds that keep every step well-defined whatever a request asks: top_k fits the int32 of the
+# worker protocol; a positive temperature below MIN_TEMPERATURE would overflow float32 logits to inf,
+# a top_p below MIN_TOP_P would round to 0 in float32 and remove every token (NaN probabilities
+# either way); seeds are what torch.Generator.manual_seed takes, non-negative.
+MAX_TOP_K = 2**31 - 1
+MIN_TEMPERATURE = 1e-6
+MIN_TOP_P = torch.finfo(torch.float32).tiny
+MAX_SEED = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -31,16 +40,18 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables), got {self.top_p}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be an int in [0, {MAX_TOP_K}] (0 disables), got {self.top_k!r}")
+        if not MIN_TOP_P <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [{MIN_TOP_P}, 1] (1 disables), got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1] (0 disables), got {self.min_p}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}] or None, got {self.seed!r}")
 
     @property
     def is_greedy(self) -> bool:

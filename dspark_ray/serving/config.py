@@ -20,9 +20,7 @@ from dspark_ray.config import EngineConfig
 from dspark_ray.serving.distributed.placement import WorkerPlacement
 
 IMPORT_PATH = "dspark_ray.serving.app:build_app"
-GRPC_SERVICER_FUNCTION = (
-    "dspark_ray.serving.generated.dspark.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server"
-)
+GRPC_SERVICER_FUNCTION = "dspark_ray.serving.wire.add_inference_service"
 DEFAULT_APP_NAME = "dspark"
 
 
@@ -129,6 +127,13 @@ class AppConfig(FrozenModel):
         600.0, gt=0, description=(
             "Deadline of one request inside the router; past it the request is cancelled and answered "
             "with a 504 (or an error event in a stream). None: no deadline."
+        ),
+    )
+    max_request_body_bytes: int = Field(
+        4 * 2**20, ge=1024, description=(
+            "Largest request a router accepts, in bytes: a longer HTTP body (by its Content-Length, or "
+            "while a chunked body is read) is answered 413 before any parsing, a longer gRPC message "
+            "RESOURCE_EXHAUSTED."
         ),
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model-server replicas.")

@@ -3,7 +3,8 @@
 Serve's gRPC proxy calls the router's methods named after the rpcs (`Generate`,
 `GenerateStream`) with the request message and a `grpc_context`; these functions convert the
 message, run it through the same path as HTTP (`Router.generate`) and convert back. Errors
-become gRPC status codes. With HTTP on a loopback address, calls from other machines are refused
+become gRPC status codes; bytes that did not parse arrive as an `UnparsedRequest` and are
+INVALID_ARGUMENT. With HTTP on a loopback address, calls from other machines are refused
 (PERMISSION_DENIED): Serve's gRPC proxy listens on every interface (`dspark_ray.serving.exposure`).
 Generated messages come through `dspark_ray.serving.wire`.
 """
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.serving.exposure import peer_is_loopback
+from dspark_ray.serving.wire import UnparsedRequest
 from dspark_ray.serving.wire import inference_pb2 as pb
-from dspark_ray.serving.openai_api import MAX_SEED, ApiError, InferenceRequest, stop_strings
+from dspark_ray.serving.openai_api import (ApiError, InferenceRequest, request_too_large, sampling_params,
+                                           stop_strings)
 from dspark_ray.serving.protocol import CompletionDelta
 
 if TYPE_CHECKING:
@@ -28,8 +30,8 @@ if TYPE_CHECKING:
 DEFAULT_MAX_TOKENS = 16
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-                429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
-                504: grpc.StatusCode.DEADLINE_EXCEEDED}
+                413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 def to_inference_request(message: pb.GenerateRequest, request_id: str) -> InferenceRequest:
@@ -43,15 +45,10 @@ def to_inference_request(message: pb.GenerateRequest, request_id: str) -> Infere
     max_tokens = message.max_tokens if message.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         raise ApiError(400, "invalid_value", "max_tokens must be >= 1", "max_tokens")
-    if message.HasField("seed") and not 0 <= message.seed <= MAX_SEED:
-        raise ApiError(400, "invalid_value", f"seed must be in [0, {MAX_SEED}]", "seed")
-    try:
-        sampling = SamplingParams(
-            temperature=message.temperature if message.HasField("temperature") else 0.0,
-            top_k=message.top_k, top_p=message.top_p if message.HasField("top_p") else 1.0,
-            min_p=message.min_p, seed=message.seed if message.HasField("seed") else None)
-    except ValueError as error:
-        raise ApiError(400, "invalid_value", str(error)) from None
+    sampling = sampling_params(
+        temperature=message.temperature if message.HasField("temperature") else 0.0,
+        top_k=message.top_k, top_p=message.top_p if message.HasField("top_p") else 1.0,
+        min_p=message.min_p, seed=message.seed if message.HasField("seed") else None)
     return InferenceRequest(request_id, prompt_text=text, prompt_token_ids=token_ids, sampling=sampling,
                             max_tokens=max_tokens, stop=stop_strings(list(message.stop)),
                             ignore_eos=message.ignore_eos)
@@ -69,9 +66,14 @@ def _check_peer(router: Router, grpc_context) -> None:
                        "(its HTTP proxy binds a loopback address)")
 
 
-def _start(router: Router, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[CompletionDelta]:
+def _start(router: Router, message: pb.GenerateRequest | UnparsedRequest, grpc_context
+           ) -> AsyncIterator[CompletionDelta]:
     _check_peer(router, grpc_context)
     tenant = router.authenticate(_metadata(grpc_context, "authorization"))
+    if isinstance(message, UnparsedRequest):
+        raise ApiError(400, "invalid_message", f"the request is not a dspark.v1.GenerateRequest: {message.error}")
+    if message.ByteSize() > router.config.max_request_body_bytes:  # the HTTP body limit, for the same prompts
+        raise request_too_large(router.config.max_request_body_bytes)
     if message.model:
         router.check_model(message.model)
     request = to_inference_request(message, f"cmpl-{uuid.uuid4().hex}")

@@ -10,17 +10,19 @@ engines or tokenizers: it turns JSON into an `InferenceRequest` and deltas back 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from dspark_ray.core.sampling import SamplingParams
+from dspark_ray.core.sampling import MAX_SEED, MAX_TOP_K, SamplingParams
 from dspark_ray.serving.protocol import SpeculativeStats
 
 MAX_STOP_STRINGS = 4
-MAX_SEED = 2**63 - 1
+MAX_STOP_CHARS = 256
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON decoding joins valid pairs: what is left is alone
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                429: "rate_limit_error"}
@@ -104,7 +106,7 @@ class SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[StrictInt, Field(ge=-1)] = 0  # vLLM's -1 also disables
+    top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] = 0  # vLLM's -1 also disables
     min_p: Probability = 0.0
     seed: Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
@@ -148,16 +150,50 @@ class ChatCompletionBody(SamplingFields):
 
 
 def parse_body(raw: bytes, model: type[SamplingFields]) -> SamplingFields:
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {error}") from None
+    data = load_json(raw)
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    if _has_lone_surrogate(data):
+        raise ApiError(400, "invalid_unicode", "the request holds a lone UTF-16 surrogate (e.g. \\ud800), "
+                       "which is not text")
     try:
         return model.model_validate(data)
     except ValidationError as error:
         raise _validation_error(error) from None
+
+
+def request_too_large(limit: int) -> ApiError:
+    return ApiError(413, "request_too_large", f"the request body is larger than {limit} bytes")
+
+
+def load_json(raw: bytes) -> Any:
+    """Strict JSON (RFC 8259: no NaN or Infinity) as Python objects; any failure is a 400."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {error}") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Whether any string (key or value) in parsed JSON holds a lone surrogate; no recursion."""
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if LONE_SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _validation_error(error: ValidationError) -> ApiError:
@@ -206,15 +242,23 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
         raise ApiError(400, "invalid_value", f"at most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
     if any(s == "" for s in stops):
         raise ApiError(400, "invalid_value", "stop strings must not be empty", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, "invalid_value", f"stop strings are at most {MAX_STOP_CHARS} characters long", "stop")
     return tuple(stops)
 
 
-def _sampling(body: SamplingFields) -> SamplingParams:
+def sampling_params(**fields: Any) -> SamplingParams:
+    """`SamplingParams(**fields)`; its ValueError (which starts with the field's name) is a 400."""
     try:
-        return SamplingParams(temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
-                              min_p=body.min_p, seed=body.seed)
+        return SamplingParams(**fields)
     except ValueError as error:
-        raise ApiError(400, "invalid_value", str(error)) from None
+        name = str(error).split(" ", 1)[0]
+        raise ApiError(400, "invalid_value", str(error), name if name in fields else None) from None
+
+
+def _sampling(body: SamplingFields) -> SamplingParams:
+    return sampling_params(temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p,
+                           min_p=body.min_p, seed=body.seed)
 
 
 def completion_request(body: CompletionBody, request_id: str) -> InferenceRequest:

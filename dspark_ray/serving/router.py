@@ -29,7 +29,8 @@ from dspark_ray.serving.config import AppConfig, TenantConfig
 from dspark_ray.serving.metrics import RouterMetrics
 from dspark_ray.serving.openai_api import (SSE_DONE, ApiError, ChatCompletionBody, Completion, CompletionBody,
                                            InferenceRequest, RequestRejected, chat_request, chunk,
-                                           completion_request, completion_response, parse_body, sse, usage_chunk)
+                                           completion_request, completion_response, parse_body, request_too_large,
+                                           sse, usage_chunk)
 from dspark_ray.serving.protocol import CompletionDelta
 
 ROUTER_DEPLOYMENT = "Router"
@@ -237,7 +238,7 @@ def build_http_app(router: Router) -> FastAPI:
 
 async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
     tenant = router.authenticate(http_request.headers.get("authorization"))
-    raw = await http_request.body()
+    raw = await read_body(http_request, router.config.max_request_body_bytes)
     body = parse_body(raw, ChatCompletionBody if chat else CompletionBody)
     router.check_model(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -258,6 +259,20 @@ async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return StreamingResponse(_sse_events(completion, first, deltas, chat, include_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to pass `limit` bytes: from Content-Length, then as read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise request_too_large(limit)
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise request_too_large(limit)
+        chunks.append(piece)
+    return b"".join(chunks)
 
 
 def _absorb(completion: Completion, delta: CompletionDelta) -> None:

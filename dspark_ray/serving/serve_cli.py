@@ -62,6 +62,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 9000; 0 disables gRPC)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="most sequences decoded together")
+    body_limit = AppConfig.model_fields["max_request_body_bytes"]
+    parser.add_argument("--max-request-body-bytes", type=int, default=body_limit.default, metavar="BYTES",
+                        help=f"{body_limit.description} (default {body_limit.default})")
     parser.add_argument("--address", default="local",
                         help="Ray cluster to use: 'local' (default) starts a fresh one, 'auto' joins a running one")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of a fresh local Ray cluster")
@@ -110,7 +113,7 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         num_gpus = 1.0 if engine.device.startswith("cuda") and workers.mode == "local" else 0.0
         app = AppConfig(model_name=args.model_name, engine=engine, workers=workers,
                         torch_num_threads=args.threads or 1, model_server_num_gpus=num_gpus,
-                        colocate_router=args.colocate_router)
+                        colocate_router=args.colocate_router, max_request_body_bytes=args.max_request_body_bytes)
         config = ServeConfig(app=app)
     updates = {}
     if args.host is not None:

@@ -3,13 +3,17 @@
 `ServedModel` is a plain class; `dspark_ray.serving.app` applies `serve.deployment` to it when the
 application is built. It builds the engine (in-process by default, on worker actors when the
 config asks for them), owns the tokenizer and the chat template, rejects prompts the engine
-cannot take (empty, too long, token ids outside either vocabulary) and hands the rest to the
-`ModelServer` coordinator. It knows nothing about HTTP, gRPC or the OpenAI wire format.
+cannot take (empty, too long, token ids outside either vocabulary, text the tokenizer or the
+template refuses) and hands the rest to the `ModelServer` coordinator. Prompts are tokenized on a
+thread of their own, never on the event loop that streams every request's deltas. It knows nothing
+about HTTP, gRPC or the OpenAI wire format.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,7 @@ from dspark_ray.serving.config import AppConfig, WorkersConfig
 from dspark_ray.serving.engine_process import EngineProcess, build_local_engine
 from dspark_ray.serving.model_server import EngineRunner, LoopThread, ModelServer
 from dspark_ray.serving.openai_api import InferenceRequest, RequestRejected
+from dspark_ray.serving.prompt_bound import max_prompt_chars
 from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest
 
 
@@ -42,13 +47,16 @@ class ServedModel:
         self.server = ModelServer(engine_runner(config))
         self.info = ModelInfo(config.model_name, self.server.runner.context_limit, shared_vocab_size(config.engine),
                               self.chat_template is not None)
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, self.info.context_limit)
+        # One thread: a tokenizer is not meant to be shared by concurrent calls.
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def generate(self, request: InferenceRequest) -> AsyncIterator[CompletionDelta | RequestRejected]:
         """Deltas of one completion, or a single `RequestRejected` when the prompt is unusable.
 
         Closing this generator (the client went away, the router gave up) aborts the sequence.
         """
-        prepared = self.prepare(request)
+        prepared = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.prepare, request)
         if isinstance(prepared, RequestRejected):
             yield prepared
             return
@@ -56,22 +64,38 @@ class ServedModel:
             yield delta
 
     def prepare(self, request: InferenceRequest) -> CompletionRequest | RequestRejected:
-        if request.messages is not None:
-            if self.chat_template is None:
-                return RequestRejected(400, "chat_template_missing",
-                                       f"model {self.info.model_name} has no chat template; use /v1/completions",
-                                       "messages")
-            token_ids = encode_chat(self.tokenizer, self.chat_template, request.messages)
-        elif request.prompt_text is not None:
-            token_ids = self.tokenizer.encode(request.prompt_text)
+        if request.prompt_token_ids is None:
+            token_ids = self._tokenize(request)
         else:
-            token_ids = list(request.prompt_token_ids or [])
-            bad = [t for t in token_ids if not 0 <= t < self.info.vocab_size]
-            if bad:
-                return RequestRejected(400, "token_id_out_of_vocabulary",
-                                       f"token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})",
-                                       "prompt")
+            token_ids = self._check_vocabulary(list(request.prompt_token_ids))
+        if isinstance(token_ids, RequestRejected):
+            return token_ids
         return self._check_length(request, token_ids)
+
+    def _tokenize(self, request: InferenceRequest) -> list[int] | RequestRejected:
+        """The prompt text or chat as token ids, unless it is surely too long or cannot be tokenized."""
+        param = "messages" if request.messages is not None else "prompt"
+        if request.messages is not None and self.chat_template is None:
+            return RequestRejected(400, "chat_template_missing",
+                                   f"model {self.info.model_name} has no chat template; use /v1/completions", param)
+        if self.max_prompt_chars is not None and prompt_chars(request) > self.max_prompt_chars:
+            return RequestRejected(400, "context_length_exceeded",
+                                   f"the prompt is longer than {self.max_prompt_chars} characters, surely more "
+                                   f"tokens than this model's maximum context length of {self.info.context_limit}",
+                                   param)
+        try:
+            if request.messages is not None:
+                return encode_chat(self.tokenizer, self.chat_template, request.messages)
+            return self.tokenizer.encode(request.prompt_text)
+        except Exception as error:  # the prompt is the only input here: a failure is the prompt's
+            return RequestRejected(400, "invalid_prompt", f"the prompt cannot be tokenized: {error}", param)
+
+    def _check_vocabulary(self, token_ids: list[int]) -> list[int] | RequestRejected:
+        bad = [t for t in token_ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            return RequestRejected(400, "token_id_out_of_vocabulary",
+                                   f"token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})", "prompt")
+        return token_ids
 
     def _check_length(self, request: InferenceRequest, token_ids: list[int]) -> CompletionRequest | RequestRejected:
         limit = self.info.context_limit
@@ -103,6 +127,9 @@ class ServedModel:
         server = getattr(self, "server", None)
         if server is not None:
             server.shutdown()
+        tokenizing = getattr(self, "_tokenizing", None)
+        if tokenizing is not None:
+            tokenizing.shutdown(wait=False)
 
 
 def engine_runner(config: AppConfig) -> EngineRunner:
@@ -130,6 +157,13 @@ def shared_vocab_size(engine_config: EngineConfig) -> int:
     """Token ids valid for the target and, when it drafts with a model, for the draft LM too."""
     paths = [engine_config.target] + ([engine_config.draft] if engine_config.drafter == "model" else [])
     return min(AutoConfig.from_pretrained(path, local_files_only=True).vocab_size for path in paths)
+
+
+def prompt_chars(request: InferenceRequest) -> int:
+    """Characters of the prompt text, or of the user messages (a chat template renders each of them)."""
+    if request.messages is not None:
+        return sum(len(m.content) for m in request.messages if m.role == "user")
+    return len(request.prompt_text or "")
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, template: str, messages) -> list[int]:

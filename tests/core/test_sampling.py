@@ -60,14 +60,20 @@ def reference_probs(
         dict(temperature=-0.1),
         dict(temperature=math.nan),
         dict(temperature=math.inf),
+        dict(temperature=1e-40),  # overflows float32 logits to inf
         dict(top_k=-1),
+        dict(top_k=2**31),  # past the worker protocol's int32
+        dict(top_k=2**63),
         dict(top_k=2.5),
         dict(top_p=0.0),
+        dict(top_p=1e-320),  # 0 in float32: would remove every token
         dict(top_p=1.01),
         dict(top_p=math.nan),
         dict(min_p=-0.01),
         dict(min_p=1.5),
         dict(seed="7"),
+        dict(seed=-1),
+        dict(seed=2**63),
     ],
 )
 def test_params_validation_rejects_out_of_range(bad):

@@ -21,3 +21,21 @@ def start_local_ray() -> None:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                                        **serve_env_vars()}})
+
+
+class ScriptedRunner:
+    """Takes commands; the test delivers the deltas."""
+    context_limit = 128
+    num_active = 0
+
+    def start(self, server) -> None:  # a ModelServer
+        self.commands = []
+
+    def submit(self, command) -> None:
+        self.commands.append(command)
+
+    def is_alive(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass

@@ -167,6 +167,9 @@ def test_serve_flags() -> None:
                                                 "--grpc-port", "0"))
     assert config.app.workers.mode == "distributed" and config.app.workers.placement.tp == 2
     assert config.app.engine.drafter == "ngram" and config.http_port == 8100 and config.grpc_port is None
+    assert config.app.max_request_body_bytes == AppConfig().max_request_body_bytes
+    config = serve_config_from_args(_serve_args("--max-request-body-bytes", "65536"))
+    assert config.app.max_request_body_bytes == 65536
 
 
 def test_high_throughput_flag() -> None:

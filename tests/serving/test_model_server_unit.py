@@ -5,28 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+from serving_helpers import ScriptedRunner
+
 from dspark_ray.serving.model_server import ModelServer
 from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest, SpeculativeStats
 
 STATS = SpeculativeStats(num_steps=3, num_draft_tokens=6, num_accepted_tokens=4, num_accepted_per_position=[2, 2])
-
-
-class ScriptedRunner:
-    """Takes commands; the test delivers the deltas."""
-    context_limit = 128
-    num_active = 0
-
-    def start(self, server: ModelServer) -> None:
-        self.commands = []
-
-    def submit(self, command) -> None:
-        self.commands.append(command)
-
-    def is_alive(self) -> bool:
-        return True
-
-    def shutdown(self) -> None:
-        pass
 
 
 def deltas() -> list[CompletionDelta]:

@@ -179,3 +179,41 @@ def test_health_is_503_when_the_model_server_is_not_healthy() -> None:
     client = TestClient(build_http_app(SickRouter(ScriptedModel([]), AppConfig())))
     response = client.get("/health")
     assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+
+
+def _error_code(response) -> str:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error["code"]
+
+
+def test_body_over_the_limit_is_413_before_parsing() -> None:
+    client, model, _ = client_for([token(0, "length")], max_request_body_bytes=1024)
+    headers = {"content-type": "application/json"}
+    declared = client.post("/v1/completions", content=b"[" * 2000, headers=headers)
+    chunked = client.post("/v1/completions", content=iter([b"[" * 600] * 4), headers=headers)  # no Content-Length
+    for response in (declared, chunked):
+        assert response.status_code == 413 and _error_code(response) == "request_too_large"
+    assert not model.streams
+    assert post(client).status_code == 200  # under the limit
+
+
+@pytest.mark.parametrize(("raw", "code"), [
+    (b"[" * 100_000, "invalid_json"),
+    (b'{"model": "dspark-reference", "prompt": "x", "temperature": NaN}', "invalid_json"),
+    (b'{"model": "dspark-reference", "prompt": "x", "top_p": Infinity}', "invalid_json"),
+    (b'{"model": "dspark-reference", "prompt": "abc\\ud800def"}', "invalid_unicode"),
+    (b'{"model": "dspark-reference", "prompt": "x", "stop": ["\\udc00"]}', "invalid_unicode"),
+], ids=["nested", "nan", "infinity", "lone_high_surrogate", "lone_low_surrogate_in_stop"])
+def test_hostile_json_is_400(raw: bytes, code: str) -> None:
+    client, model, _ = client_for([token(0, "length")])
+    response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and _error_code(response) == code
+    assert not model.streams
+
+
+def test_surrogate_pair_is_text() -> None:
+    client, model, _ = client_for([token(0, "length")])
+    raw = b'{"model": "dspark-reference", "prompt": "smile \\ud83d\\ude00", "max_tokens": 1}'
+    assert client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}).status_code == 200
+    assert model.streams
