@@ -46,6 +46,8 @@ class SpeculativeEngine:
             raise ValueError("the prompt must hold at least one token")
         if request.max_tokens < 1:  # the prefill always emits one token
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if not 0 <= request.num_resumed_tokens < len(request.prompt_token_ids):
+            raise ValueError(f"num_resumed_tokens must leave a prompt, got {request.num_resumed_tokens}")
         if len(request.prompt_token_ids) >= self.stop_rules.context_limit:
             raise ValueError(f"the prompt ({len(request.prompt_token_ids)} tokens) leaves no room in the "
                              f"context ({self.stop_rules.context_limit} tokens)")

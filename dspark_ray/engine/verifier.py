@@ -19,6 +19,11 @@ from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.sequence import Sequence
 
 
+class VerifierStateLost(RuntimeError):
+    """The verifier lost every sequence it held (its workers died and are being replaced): the
+    sequences are intact on the engine's side and can be added again."""
+
+
 @dataclass(frozen=True, eq=False)
 class VerifyOutput:
     result: VerificationResult

@@ -16,7 +16,8 @@ spawn, which would re-import the Ray worker's main module) and talks over two pi
   of 16 sequences: one pickle and one wake-up of the replica's reader, not 16), and
   `("active", number of sequences)` when that number changes.
 It pins itself to the CPU ids when given, builds the engine from the config, runs `EngineLoop` on
-its main thread, and exits when the replica closes its end or dies.
+its main thread, and exits when the replica closes its end or dies. When the child dies, its
+reader thread calls `ModelServer.recover`, which starts a new child (`restart`) and replays.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from dspark_ray.config import EngineConfig
-from dspark_ray.serving.engine_loop import Command, EngineLoop, error_delta
+from dspark_ray.serving.engine_loop import Command, EngineLoop
 from dspark_ray.serving.protocol import CompletionDelta
 
 if TYPE_CHECKING:
@@ -55,25 +56,35 @@ class EngineProcess:
     def start(self, server: ModelServer) -> None:
         """Start the child and wait until its engine is built; raises if it fails to build."""
         self._server = server
-        child_commands, self._commands = Pipe(duplex=False)
-        self._events, child_events = Pipe(duplex=False)
+        self._spawn()
+
+    def restart(self) -> None:
+        """A new child after the last one died (on the dead one's reader thread)."""
+        if self._closing:
+            raise RuntimeError("the engine process is shutting down")
+        self._commands.close()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        child_commands, commands = Pipe(duplex=False)
+        events, child_events = Pipe(duplex=False)
         fds = (child_commands.fileno(), child_events.fileno())
         self._process = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds)
         child_commands.close()  # the child holds these ends now: its exit shows here as end of file
         child_events.close()
-        self._commands.send((self.engine_config, self.num_threads, self.cpus))
-        self.context_limit = self._wait_ready()
-        self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
+        with self._send_lock:
+            self._commands = commands
+        commands.send((self.engine_config, self.num_threads, self.cpus))
+        self.context_limit = self._wait_ready(events)
+        self._reader = threading.Thread(target=self._read_events, args=(events,), name="engine-events", daemon=True)
         self._reader.start()
 
     def submit(self, command: Command) -> None:
         try:
             with self._send_lock:
                 self._commands.send(command)
-        except OSError:  # the child is gone; the reader fails what was open
-            kind, ticket, request = command
-            if kind == "add":
-                self._server.deliver(ticket, error_delta(request, "the engine process has exited"))
+        except OSError:  # the child is gone: its reader restarts it and replays what is open
+            pass
 
     @property
     def num_active(self) -> int:
@@ -91,9 +102,9 @@ class EngineProcess:
             self._process.kill()
             self._process.wait()
 
-    def _wait_ready(self) -> int:
+    def _wait_ready(self, events: Connection) -> int:
         try:
-            kind, detail = self._events.recv()
+            kind, detail = events.recv()
         except EOFError:
             raise RuntimeError(f"the engine process exited while starting (code {self._process.wait()})") from None
         if kind == "failed":
@@ -101,20 +112,21 @@ class EngineProcess:
             raise RuntimeError(f"the engine process failed to start:\n{detail}")
         return detail
 
-    def _read_events(self) -> None:
+    def _read_events(self, events: Connection) -> None:
         server = self._server
         try:
             while True:
-                kind, *detail = self._events.recv()
+                kind, *detail = events.recv()
                 if kind == "deltas":
                     server.deliver_all(detail[0])
                 else:
                     self._num_active = detail[0]
         except (EOFError, OSError):
             pass
+        events.close()
         if not self._closing:
             self._num_active = 0
-            server.fail_all(f"the engine process exited (code {self._process.wait()})")
+            server.recover(f"the engine process exited (code {self._process.wait()})")
 
 
 def build_local_engine(engine_config: EngineConfig) -> tuple[SpeculativeEngine, Callable[[list[int]], str]]:
