@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -31,6 +32,8 @@ from typing import Protocol
 from dspark_ray.engine.engine import SpeculativeEngine
 from dspark_ray.serving.engine_loop import Command, EngineLoop, error_delta
 from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest
+
+logger = logging.getLogger(__name__)
 
 MAX_RESTARTS_IN_A_ROW = 3
 MAX_REPLAYS = 3  # of one request: one that kills every engine it meets fails alone
@@ -158,12 +161,15 @@ class ModelServer:
         unfinished request; when restarts keep failing, fail them all and stay down."""
         with self._lock:
             self._recovering = True
+        cause = message
         while self._restarts_in_a_row < MAX_RESTARTS_IN_A_ROW:
             self._restarts_in_a_row += 1
             try:
                 self.runner.restart()
-            except Exception as error:  # noqa: BLE001 - counted; the last one is reported
-                message = f"{message}; restarting it failed: {error}"
+            except Exception as error:  # noqa: BLE001 - counted; clients see the last line of the last one
+                logger.warning("restarting the engine failed: %s", error)
+                last_line = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                message = f"{cause}; restarting it failed: {last_line}"
                 continue
             self._replay()
             return
