@@ -33,8 +33,8 @@ def model_server_pid(app) -> int:
     return pid
 
 
-def engine_process_pid(parent: int) -> int:
-    """The engine process started by the replica process `parent`."""
+def engine_process_pids(parent: int) -> set[int]:
+    """The engine processes started by the replica process `parent` (the engine and its spare)."""
     children = []
     for proc in Path("/proc").iterdir():
         try:
@@ -45,8 +45,8 @@ def engine_process_pid(parent: int) -> int:
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         if ppid == parent and b"dspark_ray.serving.engine_process" in cmdline:
             children.append(int(proc.name))
-    (pid,) = children
-    return pid
+    assert children
+    return set(children)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["separate", "colocated"])
@@ -78,13 +78,13 @@ def _text(lines: list[str]) -> str:
 def test_a_killed_engine_process_is_restarted_and_its_stream_goes_on(crash_app, target_only) -> None:
     url = f"{crash_app.base_url}/completions"
     replica = model_server_pid(crash_app)
-    engine = engine_process_pid(replica)
+    engines = engine_process_pids(replica)
     body = {"model": "crash", "prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True}
-    lines = _stream(url, body, lambda: os.kill(engine, signal.SIGKILL))
+    lines = _stream(url, body, lambda: _signal_all(engines, signal.SIGKILL))  # the spare too: a cold restart
     assert lines[-1] == "data: [DONE]" and all("error" not in json.loads(line[6:]) for line in lines[:-1])
     expected = target_only.generate(target_only.encode(PROMPT), 64)
     assert _text(lines) == target_only.tokenizer.decode(expected, skip_special_tokens=True)
-    assert engine_process_pid(replica) != engine and model_server_pid(crash_app) == replica
+    assert not engine_process_pids(replica) & engines and model_server_pid(crash_app) == replica
 
     request = {"model": "crash", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
                "return_token_ids": True}
@@ -95,7 +95,7 @@ def test_a_killed_engine_process_is_restarted_and_its_stream_goes_on(crash_app, 
 def test_a_stopped_engine_fails_the_health_check_and_the_replica_is_replaced(crash_app, target_only) -> None:
     url = f"{crash_app.base_url}/completions"
     replica = model_server_pid(crash_app)
-    engine = engine_process_pid(replica)
+    engines = engine_process_pids(replica)
     body = {"model": "crash", "prompt": PROMPT, "max_tokens": 512, "ignore_eos": True, "temperature": 0,
             "stream": True}
     unhealthy = []
@@ -103,7 +103,7 @@ def test_a_stopped_engine_fails_the_health_check_and_the_replica_is_replaced(cra
         with httpx.stream("POST", url, json=body, timeout=300) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line.startswith("data: {"))  # decoding
-            os.kill(engine, signal.SIGSTOP)
+            _signal_all(engines, signal.SIGSTOP)
             deadline = time.monotonic() + 180
             while model_server_pid_or_none(crash_app) in (replica, None):
                 assert time.monotonic() < deadline, "the stalled replica was not replaced"
@@ -111,8 +111,7 @@ def test_a_stopped_engine_fails_the_health_check_and_the_replica_is_replaced(cra
                     unhealthy.append(time.monotonic())
                 time.sleep(0.5)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the old replica's shutdown may have ended it
-            os.kill(engine, signal.SIGKILL)
+        _signal_all(engines, signal.SIGKILL)
     assert unhealthy, "/health never said the model server was unhealthy"
     request = {"model": "crash", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
                "return_token_ids": True}
@@ -122,6 +121,12 @@ def test_a_stopped_engine_fails_the_health_check_and_the_replica_is_replaced(cra
         assert time.monotonic() < deadline, "the new replica does not serve"
         time.sleep(1)
     assert answer.json()["choices"][0]["token_ids"] == target_only.generate(target_only.encode(PROMPT), MAX_TOKENS)
+
+
+def _signal_all(pids: set[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # e.g. ended by the old replica's shutdown
+            os.kill(pid, signum)
 
 
 def _health_status(app) -> int | None:
