@@ -27,6 +27,7 @@ import time
 from collections import deque
 
 from dspark_ray.engine.drafters.base import DraftProposal, Drafter, TargetFeatures
+from dspark_ray.engine.faults import EngineUnavailable
 from dspark_ray.engine.governor import DraftingPolicy
 from dspark_ray.engine.sequence import FinishReason, GenerationRequest, Sequence, SequenceMark
 from dspark_ray.engine.stopping import StopRules
@@ -35,10 +36,6 @@ from dspark_ray.engine.verifier import Verifier, VerifyOutput
 logger = logging.getLogger(__name__)
 INT64_MAX = (1 << 63) - 1
 SEED_RANGE = range(-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed takes
-
-
-class EngineUnavailable(RuntimeError):
-    """A part every sequence needs is down: the step fails as a whole, no sequence is to blame."""
 
 
 class SpeculativeEngine:
@@ -71,6 +68,8 @@ class SpeculativeEngine:
             raise ValueError(f"top_k must be at most {INT64_MAX}, got {sampling.top_k}")
         if sampling.seed is not None and sampling.seed not in SEED_RANGE:
             raise ValueError(f"seed must be in [{SEED_RANGE.start}, {SEED_RANGE.stop}), got {sampling.seed}")
+        if not 0 <= request.num_resumed_tokens < len(request.prompt_token_ids):
+            raise ValueError(f"num_resumed_tokens must leave a prompt, got {request.num_resumed_tokens}")
         if len(request.prompt_token_ids) >= self.stop_rules.context_limit:
             raise ValueError(f"the prompt ({len(request.prompt_token_ids)} tokens) leaves no room in the "
                              f"context ({self.stop_rules.context_limit} tokens)")

@@ -50,6 +50,9 @@ class GenerationRequest:
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # A replay after a crash: the last n prompt tokens are the completion an earlier run emitted.
+    # Stop strings and text see them as output; max_tokens counts only the tokens still to come.
+    num_resumed_tokens: int = 0
 
 
 @dataclass(eq=False)  # identity, not field-by-field comparison of token lists
@@ -60,7 +63,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     stats: SequenceStats = field(default_factory=SequenceStats)
     finish_reason: FinishReason | None = None
-    stop_text_end: int | None = None  # output text is cut here when a stop string matched
+    stop_text_end: int | None = None  # completion text is cut here when a stop string matched
     error: str | None = None  # why the sequence finished with FinishReason.ERROR
 
     @classmethod
@@ -70,6 +73,13 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.request.prompt_token_ids + self.output_token_ids
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        """The completion a client sees: the replayed tokens of a resumed request, then the output."""
+        resumed = self.request.num_resumed_tokens
+        prompt = self.request.prompt_token_ids
+        return (prompt[len(prompt) - resumed:] if resumed else []) + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:

@@ -37,8 +37,10 @@ class StopRules:
         if self.decode is None:
             raise ValueError("stop strings need a tokenizer")
         longest = max(len(stop) for stop in seq.request.stop)
-        previous_text = self.decode(seq.output_token_ids[:num_before])
-        text = self.decode(seq.output_token_ids)
+        resumed = seq.request.num_resumed_tokens  # a replayed completion's text counts (see GenerationRequest)
+        completion = seq.completion_token_ids
+        previous_text = self.decode(completion[:resumed + num_before])
+        text = self.decode(completion)
         search_from = max(0, len(previous_text) - longest + 1)
         found = [(text.find(stop, search_from), stop) for stop in seq.request.stop]
         found = [(index, stop) for index, stop in found if index >= 0]
@@ -46,11 +48,11 @@ class StopRules:
             return
         # The match completed by the fewest tokens wins (then the earliest start), as if tokens came
         # one per step: how a block grouped them must not change the output.
-        num_kept, index = min((self._tokens_covering(seq.output_token_ids, index + len(stop), num_before), index)
+        num_kept, index = min((self._tokens_covering(completion, index + len(stop), resumed + num_before), index)
                               for index, stop in found)
         seq.stop_text_end = index
         seq.finish_reason = FinishReason.STOP
-        del seq.output_token_ids[num_kept:]
+        del seq.output_token_ids[num_kept - resumed:]
 
     def _tokens_covering(self, token_ids: list[int], num_chars: int, start: int) -> int:
         """Fewest output tokens whose text reaches `num_chars` characters."""

@@ -23,8 +23,8 @@ class ColocatedRouter(Router):
         return self.served.num_active()
 
     def check_health(self) -> None:
-        """Serve's health check: a dead engine loop fails the replica, and Serve replaces it."""
+        """Serve's health check: a dead or stalled engine fails the replica, and Serve replaces it."""
         self.served.check_health()
 
     def _model_server_healthy(self) -> bool:
-        return self.served.server.is_alive()
+        return self.served.health_problem() is None

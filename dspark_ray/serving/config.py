@@ -149,6 +149,13 @@ class AppConfig(FrozenModel):
     model_server_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved by one model-server replica.")
     model_server_num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved by one local-mode model-server replica.")
     torch_num_threads: int = Field(1, ge=1, description="torch CPU threads in a model-server replica.")
+    engine_stall_timeout_s: float = Field(
+        60.0, gt=0, description=(
+            "Liveness: a model-server replica whose engine has requests waiting and has emitted nothing for "
+            "this long fails Serve's health check, and Serve replaces it. An idle engine is never stalled. "
+            "Leave room for a restarted engine process or a rebuilt target group to take up its requests."
+        ),
+    )
     tenants: tuple[TenantConfig, ...] = Field(
         (), description="Clients and their API keys; empty: no authentication."
     )

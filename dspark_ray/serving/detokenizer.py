@@ -1,5 +1,6 @@
 """Incremental detokenization for streaming: never emit half a UTF-8 character or a prefix of a
-stop string that may still match."""
+stop string that may still match. A replayed request's stream starts where its client's text
+ended (`num_chars_sent`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ REPLACEMENT_CHAR = "\ufffd"
 
 
 class StreamingText:
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], num_chars_sent: int = 0) -> None:
         self.decode = decode
-        self.num_chars_sent = 0
+        self.num_chars_sent = num_chars_sent
 
     def next_delta(self, seq: Sequence) -> str:
-        text = self.decode(seq.output_token_ids)
+        text = self.decode(seq.completion_token_ids)
         if seq.is_finished:
             end = len(text) if seq.stop_text_end is None else seq.stop_text_end
         else:

@@ -4,6 +4,10 @@ It is the part of a model server that touches the engine, which is not thread-sa
 happens on ONE thread, a thread of the replica (`LoopThread`) or the main thread of an engine
 process of its own (`dspark_ray.serving.engine_process`). Requests are named by a ticket the
 caller picks; deltas leave through `send(ticket, delta)`.
+
+When the verifier loses its state (`VerifierStateLost`: the target workers died), every open
+request is added again as the continuation of what its client was sent, and waits for the new
+workers; after `MAX_REPLAYS_IN_A_ROW` such losses without a step between them, they fail.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Literal
 
 from dspark_ray.engine.engine import SpeculativeEngine
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
+from dspark_ray.engine.faults import VerifierStateLost
 from dspark_ray.serving.detokenizer import StreamingText
 from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest, SpeculativeStats
 
@@ -21,6 +26,7 @@ from dspark_ray.serving.protocol import CompletionDelta, CompletionRequest, Spec
 Command = tuple[Literal["add", "abort"], int, CompletionRequest | None]
 Send = Callable[[int, CompletionDelta], None]
 IDLE_WAIT_S = 0.05  # how long an idle loop waits for a command before checking whether to stop
+MAX_REPLAYS_IN_A_ROW = 3
 
 
 @dataclass
@@ -39,6 +45,7 @@ class EngineLoop:
         self.send = send
         self._streams: dict[int, _Stream] = {}  # by seq_id
         self._seq_ids: dict[int, int] = {}  # seq_id by ticket
+        self._num_replays_in_a_row = 0
 
     @property
     def num_active(self) -> int:
@@ -74,9 +81,13 @@ class EngineLoop:
     def step(self) -> None:
         try:
             finished = self.engine.step()
+        except VerifierStateLost as error:  # the target workers are being replaced: replay every request
+            self.replay_all(f"engine step failed: {error}")
+            return
         except Exception as error:  # the engine is down (EngineUnavailable), not one sequence: all its requests fail
             self.fail_all(f"engine step failed: {error}")
             return
+        self._num_replays_in_a_row = 0
         for stream in list(self._streams.values()):
             if stream.seq.output_token_ids or stream.seq.is_finished:
                 self._emit(stream)
@@ -86,20 +97,36 @@ class EngineLoop:
                 del self._seq_ids[stream.ticket]
 
     def fail_all(self, message: str) -> None:
-        self.engine.abort(list(self._streams))
-        for stream in self._streams.values():
+        for stream in self._take_all():
             self.send(stream.ticket, error_delta(stream.request, message, stream.num_tokens_sent))
+
+    def replay_all(self, message: str) -> None:
+        """Add every open request again, continuing from what its client was sent."""
+        self._num_replays_in_a_row += 1
+        if self._num_replays_in_a_row > MAX_REPLAYS_IN_A_ROW:
+            self.fail_all(message)
+            return
+        for stream in self._take_all():
+            sent = stream.seq.output_token_ids[:stream.num_tokens_sent]
+            self._add(stream.ticket, stream.request.resumed(sent, stream.text.num_chars_sent))
+
+    def _take_all(self) -> list[_Stream]:
+        """Every open stream, its sequence aborted."""
+        streams = list(self._streams.values())
+        self.engine.abort(list(self._streams))
         self._streams.clear()
         self._seq_ids.clear()
+        return streams
 
     def _add(self, ticket: int, request: CompletionRequest) -> None:
         try:
             seq = self.engine.add_request(GenerationRequest(
-                request.prompt_token_ids, request.sampling, request.max_tokens, request.stop, request.ignore_eos))
+                request.prompt_token_ids, request.sampling, request.max_tokens, request.stop, request.ignore_eos,
+                request.num_resumed_tokens))
         except ValueError as error:
             self.send(ticket, error_delta(request, str(error)))
             return
-        self._streams[seq.seq_id] = _Stream(ticket, request, StreamingText(self.decode), seq)
+        self._streams[seq.seq_id] = _Stream(ticket, request, StreamingText(self.decode, request.num_resumed_chars), seq)
         self._seq_ids[ticket] = seq.seq_id
 
     def _emit(self, stream: _Stream) -> None:
@@ -112,17 +139,18 @@ class EngineLoop:
             request_id=stream.request.request_id,
             token_ids=new_tokens,
             text=stream.text.next_delta(seq),
-            num_prompt_tokens=len(seq.request.prompt_token_ids),
-            num_output_tokens=len(seq.output_token_ids),
+            num_prompt_tokens=stream.request.num_original_prompt_tokens,
+            num_output_tokens=stream.request.num_resumed_tokens + len(seq.output_token_ids),
             finish_reason=seq.finish_reason.value if seq.is_finished else None,
             error=seq.error,  # a step failed because of this sequence alone (`SpeculativeEngine.step`)
             stats=_stats(seq) if seq.is_finished else None,
         ))
 
 
-def error_delta(request: CompletionRequest, message: str, num_output_tokens: int = 0) -> CompletionDelta:
-    return CompletionDelta(request.request_id, [], "", len(request.prompt_token_ids), num_output_tokens,
-                           finish_reason="error", error=message)
+def error_delta(request: CompletionRequest, message: str, num_new_tokens: int = 0) -> CompletionDelta:
+    """The end of a failed request that had sent `num_new_tokens` (besides those it resumed after)."""
+    return CompletionDelta(request.request_id, [], "", request.num_original_prompt_tokens,
+                           request.num_resumed_tokens + num_new_tokens, finish_reason="error", error=message)
 
 
 def _stats(seq: Sequence) -> SpeculativeStats:

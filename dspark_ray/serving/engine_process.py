@@ -16,7 +16,10 @@ spawn, which would re-import the Ray worker's main module) and talks over two pi
   of 16 sequences: one pickle and one wake-up of the replica's reader, not 16), and
   `("active", number of sequences)` when that number changes.
 It pins itself to the CPU ids when given, builds the engine from the config, runs `EngineLoop` on
-its main thread, and exits when the replica closes its end or dies.
+its main thread, and exits when the replica closes its end or dies. When the child dies, its
+reader thread calls `ModelServer.recover`, which starts a new child (`restart`) and replays. The
+next child is started ahead (a spare): it imports its libraries, then waits for its config, so a
+restart only loads the models.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 from dspark_ray.config import EngineConfig
-from dspark_ray.serving.engine_loop import Command, EngineLoop, error_delta
+from dspark_ray.serving.engine_loop import Command, EngineLoop
 from dspark_ray.serving.protocol import CompletionDelta
 
 if TYPE_CHECKING:
@@ -40,6 +44,34 @@ if TYPE_CHECKING:
     from dspark_ray.serving.model_server import ModelServer
 
 SHUTDOWN_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class _Child:
+    """An engine process and the replica's ends of its pipes."""
+
+    process: subprocess.Popen
+    commands: Connection
+    events: Connection
+
+    @classmethod
+    def start(cls) -> _Child:
+        child_commands, commands = Pipe(duplex=False)
+        events, child_events = Pipe(duplex=False)
+        fds = (child_commands.fileno(), child_events.fileno())
+        process = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds)
+        child_commands.close()  # the child holds these ends now: its exit shows here as end of file
+        child_events.close()
+        return cls(process, commands, events)
+
+    def close(self) -> None:
+        """Close its commands (it exits at end of file) and wait; kill it if it does not exit."""
+        self.commands.close()
+        try:
+            self.process.wait(timeout=SHUTDOWN_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class EngineProcess:
@@ -51,29 +83,42 @@ class EngineProcess:
         self._num_active = 0
         self._send_lock = threading.Lock()
         self._closing = False
+        self._spare: _Child | None = None  # the next restart's child, its libraries imported
 
     def start(self, server: ModelServer) -> None:
         """Start the child and wait until its engine is built; raises if it fails to build."""
         self._server = server
-        child_commands, self._commands = Pipe(duplex=False)
-        self._events, child_events = Pipe(duplex=False)
-        fds = (child_commands.fileno(), child_events.fileno())
-        self._process = subprocess.Popen([sys.executable, "-m", __name__, *map(str, fds)], pass_fds=fds)
-        child_commands.close()  # the child holds these ends now: its exit shows here as end of file
-        child_events.close()
-        self._commands.send((self.engine_config, self.num_threads, self.cpus))
-        self.context_limit = self._wait_ready()
-        self._reader = threading.Thread(target=self._read_events, name="engine-events", daemon=True)
+        self._spawn()
+
+    def restart(self) -> None:
+        """A new child after the last one died (on the dead one's reader thread)."""
+        if self._closing:
+            raise RuntimeError("the engine process is shutting down")
+        self._child.commands.close()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        child, self._spare = self._spare or _Child.start(), None
+        with self._send_lock:
+            self._child = child
+        child.commands.send((self.engine_config, self.num_threads, self.cpus))
+        self.context_limit = self._wait_ready(child.events)
+        self._reader = threading.Thread(target=self._read_events, args=(child.events,), name="engine-events",
+                                        daemon=True)
         self._reader.start()
+        if not self._closing:
+            self._spare = _Child.start()
+
+    @property
+    def _process(self) -> subprocess.Popen:
+        return self._child.process
 
     def submit(self, command: Command) -> None:
         try:
             with self._send_lock:
-                self._commands.send(command)
-        except OSError:  # the child is gone; the reader fails what was open
-            kind, ticket, request = command
-            if kind == "add":
-                self._server.deliver(ticket, error_delta(request, "the engine process has exited"))
+                self._child.commands.send(command)
+        except OSError:  # the child is gone: its reader restarts it and replays what is open
+            pass
 
     @property
     def num_active(self) -> int:
@@ -84,16 +129,14 @@ class EngineProcess:
 
     def shutdown(self) -> None:
         self._closing = True
-        self._commands.close()  # the child exits at end of file
-        try:
-            self._process.wait(timeout=SHUTDOWN_WAIT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        spare, self._spare = self._spare, None
+        self._child.close()
+        if spare is not None:
+            spare.close()
 
-    def _wait_ready(self) -> int:
+    def _wait_ready(self, events: Connection) -> int:
         try:
-            kind, detail = self._events.recv()
+            kind, detail = events.recv()
         except EOFError:
             raise RuntimeError(f"the engine process exited while starting (code {self._process.wait()})") from None
         if kind == "failed":
@@ -101,20 +144,21 @@ class EngineProcess:
             raise RuntimeError(f"the engine process failed to start:\n{detail}")
         return detail
 
-    def _read_events(self) -> None:
+    def _read_events(self, events: Connection) -> None:
         server = self._server
         try:
             while True:
-                kind, *detail = self._events.recv()
+                kind, *detail = events.recv()
                 if kind == "deltas":
                     server.deliver_all(detail[0])
                 else:
                     self._num_active = detail[0]
         except (EOFError, OSError):
             pass
+        events.close()
         if not self._closing:
             self._num_active = 0
-            server.fail_all(f"the engine process exited (code {self._process.wait()})")
+            server.recover(f"the engine process exited (code {self._process.wait()})")
 
 
 def build_local_engine(engine_config: EngineConfig) -> tuple[SpeculativeEngine, Callable[[list[int]], str]]:
@@ -129,10 +173,15 @@ def build_local_engine(engine_config: EngineConfig) -> tuple[SpeculativeEngine, 
 def main(commands_fd: int, events_fd: int) -> int:
     commands = Connection(commands_fd, writable=False)
     events = Connection(events_fd, readable=False)
-    engine_config, num_threads, cpus = commands.recv()
-    try:
-        import torch
+    import torch  # before the config comes: a spare child is ready to build its engine at once
 
+    import dspark_ray.engine.factory  # noqa: F401
+
+    try:
+        engine_config, num_threads, cpus = commands.recv()
+    except EOFError:  # a spare that was not needed
+        return 0
+    try:
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
 

@@ -15,6 +15,20 @@ class CompletionRequest:
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    num_resumed_tokens: int = 0  # a replay: the last n prompt tokens are completion already sent
+    num_resumed_chars: int = 0  # a replay: characters of completion text already sent
+
+    @property
+    def num_original_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids) - self.num_resumed_tokens
+
+    def resumed(self, sent_token_ids: list[int], num_chars_sent: int) -> CompletionRequest:
+        """This request continued after `sent_token_ids` (its client has been sent them, and
+        `num_chars_sent` characters of text in all): the replay of a request whose engine died."""
+        return replace(self, prompt_token_ids=self.prompt_token_ids + sent_token_ids,
+                       max_tokens=self.max_tokens - len(sent_token_ids),
+                       num_resumed_tokens=self.num_resumed_tokens + len(sent_token_ids),
+                       num_resumed_chars=num_chars_sent)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--address", default="local",
                         help="Ray cluster to use: 'local' (default) starts a fresh one, 'auto' joins a running one")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of a fresh local Ray cluster")
+    parser.add_argument("--engine-stall-timeout", type=float, default=None, metavar="SECONDS",
+                        help="fail the health check of a replica whose engine has requests waiting and emitted "
+                             "nothing for this long (default "
+                             f"{AppConfig.model_fields['engine_stall_timeout_s'].default:g})")
     add_high_throughput_argument(parser)
     add_engine_process_argument(parser)
     parser.set_defaults(func=run)
@@ -111,9 +115,11 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         engine = engine_config_from_args(args, **overrides)
         # Ray hides GPUs from actors that reserve none: a local-mode replica on CUDA reserves one.
         num_gpus = 1.0 if engine.device.startswith("cuda") and workers.mode == "local" else 0.0
+        health = {} if args.engine_stall_timeout is None else {"engine_stall_timeout_s": args.engine_stall_timeout}
         app = AppConfig(model_name=args.model_name, engine=engine, workers=workers,
                         torch_num_threads=args.threads or 1, model_server_num_gpus=num_gpus,
-                        colocate_router=args.colocate_router, max_request_body_bytes=args.max_request_body_bytes)
+                        colocate_router=args.colocate_router, max_request_body_bytes=args.max_request_body_bytes,
+                        **health)
         config = ServeConfig(app=app)
     updates = {}
     if args.host is not None:

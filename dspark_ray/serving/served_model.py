@@ -119,9 +119,20 @@ class ServedModel:
         return self.server.num_active
 
     def check_health(self) -> None:
-        """Serve's periodic health check: a dead engine loop fails the replica so Serve replaces it."""
+        """Serve's periodic health check: a dead or stalled engine fails the replica, Serve replaces it."""
+        problem = self.health_problem()
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    def health_problem(self) -> str | None:
+        """Why the engine cannot serve, or None: its loop is gone (restarts failed), or it has
+        requests waiting and has emitted nothing for `engine_stall_timeout_s`."""
         if not self.server.is_alive():
-            raise RuntimeError("the engine loop has stopped")
+            return "the engine loop has stopped"
+        stalled_s = self.server.stalled_s()
+        if stalled_s > self.config.engine_stall_timeout_s:
+            return f"the engine has requests waiting and has emitted nothing for {stalled_s:.0f} s"
+        return None
 
     def __del__(self) -> None:
         server = getattr(self, "server", None)

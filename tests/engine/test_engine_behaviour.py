@@ -136,6 +136,28 @@ def test_stop_string_ending_inside_a_token(tiny, reference):
     assert seq.finish_reason == FinishReason.STOP and seq.stop_text_end == start
 
 
+@pytest.mark.parametrize("drafter", ["model-off", "none"])
+def test_a_resumed_request_ends_as_if_uninterrupted(tiny, reference, drafter):
+    """A replay after a crash holds the tokens already emitted at the end of its prompt
+    (num_resumed_tokens): greedy decoding goes on with the same tokens, max_tokens counts the rest,
+    and a stop string whose first character came before the split ends it at the same place."""
+    models = tiny("llama")
+    expected = reference("llama", PROMPT, 40)
+    text = two_chars(expected)
+    start = find_stop(text, [2 * i + 1 for i in range(4, 30)], 2)  # 2nd char of token i, 1st of token i+1
+    split = (start + 1) // 2  # tokens 0..i were emitted before the crash
+    engine = make_engine(models.target, make_drafter(drafter, models.target, models.draft, 4), 4, decode=two_chars)
+
+    stopped, full = engine.generate([
+        GenerationRequest(PROMPT + expected[:split], max_tokens=40 - split, stop=(text[start:start + 2],),
+                          num_resumed_tokens=split),
+        GenerationRequest(PROMPT + expected[:split], max_tokens=40 - split, num_resumed_tokens=split)])
+
+    assert stopped.completion_token_ids == expected[: split + 1] and stopped.output_token_ids == [expected[split]]
+    assert stopped.finish_reason == FinishReason.STOP and stopped.stop_text_end == start
+    assert full.completion_token_ids == expected and full.finish_reason == FinishReason.LENGTH
+
+
 def test_stop_strings_resolve_as_if_tokens_came_one_at_a_time(tiny, reference):
     """Two stop strings complete in one block: the one that completes first (token by token) wins,
     even though the other starts earlier, so the output does not depend on the drafter."""

@@ -30,6 +30,11 @@ class ScriptedRunner:
 
     def start(self, server) -> None:  # a ModelServer
         self.commands = []
+        self.restarts_fail = False
+
+    def restart(self) -> None:
+        if self.restarts_fail:
+            raise RuntimeError("no engine today\nstill none")
 
     def submit(self, command) -> None:
         self.commands.append(command)

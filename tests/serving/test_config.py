@@ -198,3 +198,10 @@ def test_engine_process_flags() -> None:
     assert bench.engine_cpus == (1,) and bench.engine_process is True
     with pytest.raises(SystemExit):
         _serve_args("--engine-cpus", "first")
+
+
+def test_engine_stall_timeout_flag() -> None:
+    assert serve_config_from_args(_serve_args()).app.engine_stall_timeout_s == 60.0
+    assert serve_config_from_args(_serve_args("--engine-stall-timeout", "5")).app.engine_stall_timeout_s == 5.0
+    with pytest.raises(ValidationError):
+        serve_config_from_args(_serve_args("--engine-stall-timeout", "0"))

@@ -12,8 +12,9 @@ neighbours, on pipelining, or on whether the drafter is up.
 Faults: a failed or late draft command reports the draft worker (it is replaced in the
 background) and the step goes on with an empty draft: target-only decoding, the engine's rule,
 identical greedy output. A failed target command reports the target group (it is rebuilt in the
-background) and raises `TargetUnavailable`: the model server ends the affected requests with an
-error, and later requests wait for the new group.
+background) and raises `TargetUnavailable` (a `VerifierStateLost`): the engine loop adds the
+affected requests again, as continuations of what their clients were sent, and they wait for the
+new group.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import grpc
 import torch
 
 from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
-from dspark_ray.engine.engine import EngineUnavailable
 from dspark_ray.engine.runner import FUSED_PROMPT_TOKENS_PADDED
 from dspark_ray.engine.sequence import Sequence
+from dspark_ray.engine.faults import VerifierStateLost
 from dspark_ray.engine.verifier import VerifyOutput
 from dspark_ray.serving.distributed import convert
 from dspark_ray.serving.distributed.workers import DraftWorkerHandle, TargetGroupHandle, WorkerUnavailable
@@ -37,7 +38,7 @@ from dspark_ray.serving.wire import worker_pb2 as pb
 SEED_BOUND = 1 << 62
 
 
-class TargetUnavailable(EngineUnavailable):
+class TargetUnavailable(VerifierStateLost):
     """The target group failed (or is being rebuilt); the affected sequences cannot continue."""
 
 
