@@ -24,8 +24,10 @@ from dspark_ray.serving.exposure import is_loopback, open_endpoint_warning, serv
 from dspark_ray.serving.router import MODEL_SERVER_DEPLOYMENT, ROUTER_DEPLOYMENT, Router
 from dspark_ray.serving.served_model import ServedModel
 
-# /health, /metrics and /v1/models calls on top of the generation requests a router may hold.
-ROUTER_EXTRA_ONGOING = 32
+# Serve's own limit on a router replica, on top of its admission limit: /health, /metrics and
+# /v1/models calls, and the requests past the limit, which the router answers over capacity at once.
+# Serve would hold those in a queue of its own until an admitted request finished.
+ROUTER_EXTRA_ONGOING = 4096
 # Our deployments never block their event loop (the engine steps on a thread of its own), so Serve
 # may run their methods on the replica's main loop instead of a second loop thread: one thread hop
 # and GIL hand-off less per streamed delta (`dspark-ray bench serve --launch` measures served c=1
@@ -72,8 +74,8 @@ def model_server_options(config: AppConfig) -> dict[str, Any]:
 
 
 def router_options(config: AppConfig) -> dict[str, Any]:
-    # The router admits up to AppConfig.router_admission_limit generations itself; Serve's own
-    # limit only has to leave room for them and for /health, /metrics and /v1/models.
+    # The router admits up to AppConfig.router_admission_limit generations itself and rejects the
+    # rest; Serve's own limit only has to let them all reach it.
     return {
         "num_replicas": config.router_replicas,
         "max_ongoing_requests": config.router_admission_limit + ROUTER_EXTRA_ONGOING,
