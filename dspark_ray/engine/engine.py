@@ -34,8 +34,6 @@ from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import Verifier, VerifyOutput
 
 logger = logging.getLogger(__name__)
-INT64_MAX = (1 << 63) - 1
-SEED_RANGE = range(-(1 << 63), 1 << 64)  # what torch.Generator.manual_seed takes
 
 
 class SpeculativeEngine:
@@ -63,11 +61,6 @@ class SpeculativeEngine:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
         if request.stop and self.stop_rules.decode is None:
             raise ValueError("stop strings need a tokenizer")
-        sampling = request.sampling
-        if sampling.top_k > INT64_MAX:  # top_k >= the vocabulary disables it; beyond int64 no tensor holds it
-            raise ValueError(f"top_k must be at most {INT64_MAX}, got {sampling.top_k}")
-        if sampling.seed is not None and sampling.seed not in SEED_RANGE:
-            raise ValueError(f"seed must be in [{SEED_RANGE.start}, {SEED_RANGE.stop}), got {sampling.seed}")
         if not 0 <= request.num_resumed_tokens < len(request.prompt_token_ids):
             raise ValueError(f"num_resumed_tokens must leave a prompt, got {request.num_resumed_tokens}")
         if len(request.prompt_token_ids) >= self.stop_rules.context_limit:

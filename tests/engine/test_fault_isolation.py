@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from dspark_ray.core.sampling import SamplingParams
+from dspark_ray.core.sampling import MAX_SEED, MAX_TOP_K, SamplingParams
 from dspark_ray.engine import verifier as verifier_module
 from dspark_ray.engine.engine import EngineUnavailable, SpeculativeEngine
 from dspark_ray.engine.sequence import FinishReason, GenerationRequest, Sequence
@@ -191,23 +191,11 @@ def test_a_drafter_that_always_fails_leaves_decoding_to_the_target(tiny, referen
     assert all(seq.finish_reason == FinishReason.LENGTH for seq in seqs)
 
 
-@pytest.mark.parametrize(("sampling", "message"), [
-    (SamplingParams(temperature=1.0, top_k=2**63), "top_k"),
-    (SamplingParams(temperature=1.0, seed=2**64), "seed"),
-    (SamplingParams(temperature=1.0, seed=-2**63 - 1), "seed"),
-])
-def test_parameters_the_engine_cannot_run_are_refused(tiny, sampling, message):
-    engine = greedy_engine(tiny("llama"), "none")
-    with pytest.raises(ValueError, match=message):
-        engine.add_request(GenerationRequest(PROMPTS[0], sampling))
-    assert not engine.has_unfinished()
-
-
-def test_the_largest_parameters_the_engine_takes_run(tiny):
-    """top_k beyond the vocabulary disables it; the seed range is torch's."""
+def test_the_largest_parameters_sampling_takes_run(tiny):
+    """SamplingParams refuses what no step could run (tests/core/test_sampling.py); its bounds run."""
     engine = greedy_engine(tiny("llama"), "ngram")
-    seqs = run(engine, [GenerationRequest(PROMPTS[0], SamplingParams(temperature=1.0, top_k=2**63 - 1, seed=2**64 - 1)),
-                        GenerationRequest(PROMPTS[1], SamplingParams(temperature=1.0, seed=-2**63))])
+    seqs = run(engine, [GenerationRequest(PROMPTS[0], SamplingParams(temperature=1.0, top_k=MAX_TOP_K, seed=MAX_SEED)),
+                        GenerationRequest(PROMPTS[1], SamplingParams(temperature=1.0, seed=0))])
     assert all(seq.finish_reason == FinishReason.LENGTH for seq in seqs)
 
 
