@@ -73,20 +73,23 @@ class ServedModel:
         return self._check_length(request, token_ids)
 
     def _tokenize(self, request: InferenceRequest) -> list[int] | RequestRejected:
-        """The prompt text or chat as token ids, unless it is surely too long or cannot be tokenized."""
+        """The prompt text or rendered chat as token ids, unless it is surely too long or cannot be
+        tokenized. A chat is rendered first (cheap) and bounded as the text the tokenizer would get,
+        so no message of any role is tokenized past the bound."""
         param = "messages" if request.messages is not None else "prompt"
         if request.messages is not None and self.chat_template is None:
             return RequestRejected(400, "chat_template_missing",
                                    f"model {self.info.model_name} has no chat template; use /v1/completions", param)
-        if self.max_prompt_chars is not None and prompt_chars(request) > self.max_prompt_chars:
-            return RequestRejected(400, "context_length_exceeded",
-                                   f"the prompt is longer than {self.max_prompt_chars} characters, surely more "
-                                   f"tokens than this model's maximum context length of {self.info.context_limit}",
-                                   param)
         try:
-            if request.messages is not None:
-                return encode_chat(self.tokenizer, self.chat_template, request.messages)
-            return self.tokenizer.encode(request.prompt_text)
+            text = request.prompt_text if request.messages is None else render_chat(
+                self.tokenizer, self.chat_template, request.messages)
+            if self.max_prompt_chars is not None and len(text) > self.max_prompt_chars:
+                return RequestRejected(400, "context_length_exceeded",
+                                       f"the prompt is longer than {self.max_prompt_chars} characters, surely more "
+                                       f"tokens than this model's maximum context length of {self.info.context_limit}",
+                                       param)
+            # a rendered chat holds its special tokens as text already
+            return self.tokenizer.encode(text, add_special_tokens=request.messages is None)
         except Exception as error:  # the prompt is the only input here: a failure is the prompt's
             return RequestRejected(400, "invalid_prompt", f"the prompt cannot be tokenized: {error}", param)
 
@@ -170,14 +173,7 @@ def shared_vocab_size(engine_config: EngineConfig) -> int:
     return min(AutoConfig.from_pretrained(path, local_files_only=True).vocab_size for path in paths)
 
 
-def prompt_chars(request: InferenceRequest) -> int:
-    """Characters of the prompt text, or of the user messages (a chat template renders each of them)."""
-    if request.messages is not None:
-        return sum(len(m.content) for m in request.messages if m.role == "user")
-    return len(request.prompt_text or "")
-
-
-def encode_chat(tokenizer: PreTrainedTokenizerBase, template: str, messages) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+def render_chat(tokenizer: PreTrainedTokenizerBase, template: str, messages) -> str:
+    """The chat as the text its template renders, ready for the assistant's turn."""
+    return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                          chat_template=template, add_generation_prompt=True, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)

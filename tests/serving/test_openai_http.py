@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from dspark_ray.serving.openai_api import ChatMessage
-from dspark_ray.serving.served_model import encode_chat
+from dspark_ray.serving.served_model import render_chat
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -127,7 +127,8 @@ def test_sse_wire_format_ends_with_done(served_app) -> None:
 def test_chat_completions(client, served_app, target_only) -> None:
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
     template = target_only.tokenizer.chat_template or served_app.config.chat_template
-    prompt_ids = encode_chat(target_only.tokenizer, template, [ChatMessage(**m) for m in messages])
+    text = render_chat(target_only.tokenizer, template, [ChatMessage(**m) for m in messages])
+    prompt_ids = target_only.tokenizer.encode(text, add_special_tokens=False)
     expected = target_only.generate(prompt_ids, MAX_TOKENS)
     response = client.chat.completions.create(model=served_app.config.model_name, messages=messages,
                                               max_tokens=MAX_TOKENS, temperature=0, extra_body=EXTRA)

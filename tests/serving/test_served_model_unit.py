@@ -38,8 +38,9 @@ def test_prompt_surely_past_the_context_is_not_tokenized(served, monkeypatch) ->
     text = "a" * (served.max_prompt_chars + 1)
     assert _rejection(served.prepare(InferenceRequest("r", prompt_text=text))) == (
         400, "context_length_exceeded", "prompt")
-    chat = InferenceRequest("r", messages=(ChatMessage("system", "s"), ChatMessage("user", text)))
-    assert _rejection(served.prepare(chat)) == (400, "context_length_exceeded", "messages")
+    for role in ("user", "system", "assistant"):  # whatever the role, the rendered chat is bounded
+        chat = InferenceRequest("r", messages=(ChatMessage(role, text), ChatMessage("user", "x")))
+        assert _rejection(served.prepare(chat)) == (400, "context_length_exceeded", "messages")
 
 
 def test_prompt_within_the_bound_is_tokenized_off_the_event_loop(served, monkeypatch) -> None:
