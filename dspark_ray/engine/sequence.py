@@ -87,8 +87,8 @@ class Sequence:
     def generator(self) -> torch.Generator:
         """This step's draws, in order: seeded from (seed, committed tokens) the first time it is
         asked for after the committed tokens change (module docstring). Greedy sequences draw
-        nothing and never ask."""
-        if self._generator_counter != self.num_tokens:
+        nothing: theirs is never reseeded."""
+        if self._generator_counter != self.num_tokens and not self.request.sampling.is_greedy:
             self._generator.manual_seed(counter_seed(self.seed, self.num_tokens))
             self._generator_counter = self.num_tokens
         return self._generator

@@ -14,7 +14,7 @@ background) and the step goes on with an empty draft: target-only decoding, the 
 identical greedy output. A failed target command reports the target group (it is rebuilt in the
 background) and raises `TargetUnavailable` (a `VerifierStateLost`): the engine loop adds the
 affected requests again, as continuations of what their clients were sent, and they wait for the
-new group.
+new group (`RemoteVerifier.resume` gives it their committed tokens).
 """
 
 from __future__ import annotations
