@@ -4,8 +4,9 @@ Each step: (1) admit waiting requests, (2) the drafter proposes up to `num_specu
 tokens per running sequence, (3) the verifier scores the drafts of all running sequences in ONE
 target forward (ragged lengths) and applies the lossless rule of `dspark_ray.core.verification`;
 the same forward prefills the admitted prompts of up to the verifier's `fused_prompt_limit` tokens,
-whose logits give their first tokens (a mixed batch; longer prompts, and all with
-`fused_prefill=False`, are prefilled in a forward of their own first), (4) stop rules append the
+whose logits give their first tokens (a mixed batch; longer prompts, replays, and all with
+`fused_prefill=False`, are prefilled in a forward of their own first; a replay draws no first
+token, `Verifier.resume`), (4) stop rules append the
 kept tokens, (5) target and drafter caches roll back to what was committed, finished sequences
 leave.
 

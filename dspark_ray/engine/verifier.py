@@ -1,7 +1,7 @@
 """The target side of a step: score drafts with ONE target forward and apply the lossless rule.
 
 `TargetVerifier` is the in-process implementation; the serving layer puts a remote proxy with the
-same four verbs in front of a tensor-parallel target. It knows nothing about stop rules: the caller
+same verbs in front of a tensor-parallel target. It knows nothing about stop rules: the caller
 commits what it keeps and then calls `sync` so the cache matches the committed tokens.
 """
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dspark_ray.config import DEFAULT_TARGET_DIR, REFERENCE_DIR, EngineConfig
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.factory import build_engine, load_models
-from dspark_ray.engine.sequence import GenerationRequest
+from dspark_ray.engine.sequence import GenerationRequest, Sequence
 
 MAX_TOKENS = 40
 SAMPLINGS = (SamplingParams(temperature=1.0, seed=11), SamplingParams(temperature=0.8, top_p=0.9, seed=12),
@@ -73,3 +74,17 @@ def test_seeded_output_is_reproducible_and_seed_dependent(setup):
                                   ignore_eos=True) for r in requests[:1]]
     other = build_engine(config, models).generate(reseeded)[0].output_token_ids
     assert first == again and other != first[0]
+
+
+def test_a_sequence_draws_by_its_committed_count_and_restore_redraws_the_same():
+    seq = Sequence.create(0, GenerationRequest([1, 2, 3], SamplingParams(temperature=1.0, seed=5)))
+    mark = seq.mark()
+    first = torch.rand(4, generator=seq.generator)
+    assert not torch.equal(torch.rand(4, generator=seq.generator), first)  # one stream within a step
+    seq.restore(mark)
+    assert torch.equal(torch.rand(4, generator=seq.generator), first)  # a retried step draws again
+    seq.output_token_ids.append(9)
+    next_step = torch.rand(4, generator=seq.generator)
+    twin = Sequence.create(1, GenerationRequest([1, 2, 3, 9], SamplingParams(temperature=1.0, seed=5)))
+    assert torch.equal(torch.rand(4, generator=twin.generator), next_step)  # implied by seed and count
+    assert not torch.equal(next_step, first)
