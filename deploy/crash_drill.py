@@ -1,7 +1,8 @@
 """Kill a served engine during open streams and see what the clients get.
 
-Against a running `dspark-ray serve` (pid `--serve-pid`): first each prompt uninterrupted
-(greedy, for the expected text), then `--streams` greedy streams at once; when every stream has
+Against a running `dspark-ray serve` (pid `--serve-pid`): first each request uninterrupted (for
+the expected text), then `--streams` streams at once (greedy, or with `--temperature` > 0 sampled
+with seed i for stream i: a seeded replay continues with the uninterrupted text too); when every stream has
 received `--kill-after` chunks, SIGKILL every process under the server whose command line holds
 `--victim` (the local engine process by default; `TargetWorker` for a tensor-parallel rank).
 Prints how many streams ended with the expected text, the seconds from the kill until a request
@@ -61,12 +62,12 @@ async def stream(client: httpx.AsyncClient, url: str, body: dict, chunks: list[t
 async def drill(args: argparse.Namespace) -> None:
     url = f"{args.url}/completions"
     bodies = [{"model": args.model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens,
-               "temperature": 0} for i in range(args.streams)]
+               "temperature": args.temperature, **({"seed": i} if args.temperature > 0 else {})}
+              for i in range(args.streams)]
+    unique = {json.dumps(body, sort_keys=True): body for body in bodies}
     async with httpx.AsyncClient(timeout=600) as client:
-        expected = {}
-        for prompt in PROMPTS:
-            answer = await client.post(url, json={**bodies[0], "prompt": prompt})
-            expected[prompt] = answer.json()["choices"][0]["text"]
+        answers = await asyncio.gather(*(client.post(url, json=body) for body in unique.values()))
+        expected = {key: answer.json()["choices"][0]["text"] for key, answer in zip(unique, answers)}
         chunks: list[list[tuple[float, str]]] = [[] for _ in bodies]
         tasks = [asyncio.create_task(stream(client, url, body, got)) for body, got in zip(bodies, chunks)]
         while min(len(got) for got in chunks) < args.kill_after:
@@ -79,7 +80,7 @@ async def drill(args: argparse.Namespace) -> None:
         probe = await client.post(url, json={**bodies[0], "max_tokens": 1})
         probe_s = time.monotonic() - killed_at
         texts = await asyncio.gather(*tasks)
-    identical = sum(text == expected[body["prompt"]] for text, body in zip(texts, bodies))
+    identical = sum(text == expected[json.dumps(body, sort_keys=True)] for text, body in zip(texts, bodies))
     gaps = [max(later - earlier for (earlier, _), (later, _) in zip(got, got[1:])) for got in chunks if len(got) > 1]
     print(f"killed {len(victims)} process(es) matching {args.victim!r}: {identical}/{len(bodies)} streams "
           f"complete with the uninterrupted text, {texts.count(None)} failed")
@@ -96,6 +97,7 @@ def main() -> None:
                         help="kill the server's processes whose command line holds this")
     parser.add_argument("--one", action="store_true", help="kill only the first such process (one TP rank)")
     parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, stream i seeded i")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--kill-after", type=int, default=4, help="chunks every stream receives before the kill")
     asyncio.run(drill(parser.parse_args()))

@@ -11,6 +11,7 @@ numbers only from generators handed to it; it owns no RNG state.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -178,5 +179,18 @@ def sample_from_probs(
 def make_generator(seed: int | None) -> torch.Generator:
     """A seeded CPU generator; seed None seeds it from os.urandom (fresh on every call)."""
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
+    generator.manual_seed(random_seed() if seed is None else seed)
     return generator
+
+
+def random_seed() -> int:
+    """A fresh seed from os.urandom, within what `SamplingParams.seed` accepts."""
+    return int.from_bytes(os.urandom(8), "little") & MAX_SEED
+
+
+def counter_seed(seed: int, counter: int) -> int:
+    """The seed of draw stream number `counter` of `seed`: a hash of both (counter-based RNG, as
+    Philox or JAX's fold_in), so streams of different counters are unrelated and a stream is
+    implied by (seed, counter) alone: no generator state needs saving or sending."""
+    digest = hashlib.blake2b(seed.to_bytes(8, "little") + counter.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & MAX_SEED

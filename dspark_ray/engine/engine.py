@@ -4,8 +4,9 @@ Each step: (1) admit waiting requests, (2) the drafter proposes up to `num_specu
 tokens per running sequence, (3) the verifier scores the drafts of all running sequences in ONE
 target forward (ragged lengths) and applies the lossless rule of `dspark_ray.core.verification`;
 the same forward prefills the admitted prompts of up to the verifier's `fused_prompt_limit` tokens,
-whose logits give their first tokens (a mixed batch; longer prompts, and all with
-`fused_prefill=False`, are prefilled in a forward of their own first), (4) stop rules append the
+whose logits give their first tokens (a mixed batch; longer prompts, replays, and all with
+`fused_prefill=False`, are prefilled in a forward of their own first; a replay draws no first
+token, `Verifier.resume`), (4) stop rules append the
 kept tokens, (5) target and drafter caches roll back to what was committed, finished sequences
 leave.
 
@@ -97,7 +98,7 @@ class SpeculativeEngine:
         None: the step is not timed for the governor."""
         limit = self.verifier.fused_prompt_limit
         fuses = [self.fused_prefill and bool(verified) and len(seq.request.prompt_token_ids) <= limit
-                 for seq in admitted]
+                 and not seq.request.num_resumed_tokens for seq in admitted]  # a replay draws no first token
         fused = [seq for seq, fuse in zip(admitted, fuses) if fuse]
         apart = [seq for seq, fuse in zip(admitted, fuses) if not fuse]
         if apart:
@@ -229,10 +230,16 @@ class SpeculativeEngine:
         return admitted, self._prefill_now(admitted)
 
     def _prefill_now(self, admitted: list[Sequence]) -> TargetFeatures | None:
-        """Prefill in a forward of their own; their captured target layers (DSpark) or None."""
-        output = self.verifier.add(admitted)
-        self._append_first_tokens(admitted, output)
-        return output.target_features
+        """Prefill in a forward of their own, replays without a first token (`Verifier.resume`);
+        their captured target layers (DSpark) or None."""
+        resumed = [seq for seq in admitted if seq.request.num_resumed_tokens]
+        fresh = [seq for seq in admitted if not seq.request.num_resumed_tokens]
+        features = self.verifier.resume(resumed) if resumed else None
+        if fresh:
+            output = self.verifier.add(fresh)
+            self._append_first_tokens(fresh, output)
+            features = _merged(features, output.target_features)
+        return features
 
     def welcome(self, admitted: list[Sequence], output: VerifyOutput) -> None:
         """Both halves of admitting, after a forward that prefilled `admitted` (`output`)."""
@@ -324,6 +331,10 @@ def record_rate(governor: DraftingPolicy, batch_size: int, draft_limit: int | No
     if draft_limit == 0 or bool(proposal.num_draft_tokens.any()):
         governor.record(batch_size, draft_limit, sum(seq.num_tokens for seq in verified) - num_tokens_before,
                         time.perf_counter() - start)
+
+
+def _merged(features: TargetFeatures | None, more: TargetFeatures | None) -> TargetFeatures | None:
+    return more if features is None else features if more is None else {**features, **more}
 
 
 def _halves(seqs: list[Sequence]) -> list[list[Sequence]]:

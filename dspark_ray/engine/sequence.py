@@ -1,4 +1,12 @@
-"""Per-sequence state owned by the engine: tokens, sampling settings, RNG, stop rules, stats."""
+"""Per-sequence state owned by the engine: tokens, sampling settings, RNG, stop rules, stats.
+
+RNG: every draw a sequence makes in a step (its drafts, the acceptance tests, the recovered or
+bonus token) comes from `Sequence.generator`, seeded from the request's seed and the number of
+committed tokens when the step first draws (`core.sampling.counter_seed`). The committed count
+grows every step, so each step draws a fresh stream; and a sequence rebuilt from its committed
+tokens (a replay after a crash, a step undone and retried) draws exactly what the original drew,
+without any generator state being kept or sent.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from dspark_ray.core.sampling import SamplingParams, make_generator
+from dspark_ray.core.sampling import SamplingParams, counter_seed, random_seed
 
 
 class FinishReason(str, Enum):
@@ -52,6 +60,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     # A replay after a crash: the last n prompt tokens are the completion an earlier run emitted.
     # Stop strings and text see them as output; max_tokens counts only the tokens still to come.
+    # The replay draws no first token: its last committed token is the input of its first step,
+    # as in the run it continues (`Verifier.resume`).
     num_resumed_tokens: int = 0
 
 
@@ -59,16 +69,33 @@ class GenerationRequest:
 class Sequence:
     seq_id: int
     request: GenerationRequest
-    generator: torch.Generator
+    seed: int  # every step's draws derive from it (module docstring)
     output_token_ids: list[int] = field(default_factory=list)
     stats: SequenceStats = field(default_factory=SequenceStats)
     finish_reason: FinishReason | None = None
     stop_text_end: int | None = None  # completion text is cut here when a stop string matched
     error: str | None = None  # why the sequence finished with FinishReason.ERROR
+    _generator: torch.Generator = field(default_factory=torch.Generator, repr=False)
+    _generator_counter: int | None = None  # the committed count `_generator` was seeded for
 
     @classmethod
     def create(cls, seq_id: int, request: GenerationRequest) -> "Sequence":
-        return cls(seq_id, request, make_generator(request.sampling.seed))
+        seed = request.sampling.seed
+        return cls(seq_id, request, random_seed() if seed is None else seed)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """This step's draws, in order: seeded from (seed, committed tokens) the first time it is
+        asked for after the committed tokens change (module docstring). Greedy sequences draw
+        nothing: theirs is never reseeded."""
+        if self._generator_counter != self.num_tokens and not self.request.sampling.is_greedy:
+            self._generator.manual_seed(counter_seed(self.seed, self.num_tokens))
+            self._generator_counter = self.num_tokens
+        return self._generator
+
+    def reseed(self, seed: int) -> None:
+        """Draw from `seed` from now on (a worker's copy: each command brings the seed of its draws)."""
+        self.seed, self._generator_counter = seed, None
 
     @property
     def token_ids(self) -> list[int]:
@@ -95,17 +122,15 @@ class Sequence:
 
     def mark(self) -> SequenceMark:
         """What a step may change here, to `restore` if the step fails: counters, no caches."""
-        generator_state = None if self.request.sampling.is_greedy else self.generator.get_state()
-        return SequenceMark(len(self.output_token_ids), self.finish_reason, self.stop_text_end, self.stats.copy(),
-                            generator_state)
+        return SequenceMark(len(self.output_token_ids), self.finish_reason, self.stop_text_end, self.stats.copy())
 
     def restore(self, mark: SequenceMark) -> None:
-        """Back to `mark` (a step only appends tokens: see `StopRules.append`)."""
+        """Back to `mark` (a step only appends tokens: see `StopRules.append`); the retried step
+        draws again what the failed one drew."""
         del self.output_token_ids[mark.num_output_tokens:]
         self.finish_reason, self.stop_text_end = mark.finish_reason, mark.stop_text_end
         self.stats = mark.stats.copy()
-        if mark.generator_state is not None:
-            self.generator.set_state(mark.generator_state)
+        self._generator_counter = None
 
 
 class SequenceMark(NamedTuple):  # taken every step: a tuple is the cheapest record
@@ -113,4 +138,3 @@ class SequenceMark(NamedTuple):  # taken every step: a tuple is the cheapest rec
     finish_reason: FinishReason | None
     stop_text_end: int | None
     stats: SequenceStats
-    generator_state: torch.Tensor | None  # sampled sequences only: greedy ones draw nothing

@@ -1,7 +1,7 @@
 """The target side of a step: score drafts with ONE target forward and apply the lossless rule.
 
 `TargetVerifier` is the in-process implementation; the serving layer puts a remote proxy with the
-same four verbs in front of a tensor-parallel target. It knows nothing about stop rules: the caller
+same verbs in front of a tensor-parallel target. It knows nothing about stop rules: the caller
 commits what it keeps and then calls `sync` so the cache matches the committed tokens.
 """
 
@@ -40,6 +40,11 @@ class Verifier(Protocol):
     def add(self, seqs: list[Sequence]) -> VerifyOutput:
         """Prefill prompts; the result holds each sequence's first token (an empty-draft verification)."""
 
+    def resume(self, seqs: list[Sequence]) -> TargetFeatures | None:
+        """Cache the committed tokens of replayed sequences (`GenerationRequest.num_resumed_tokens`)
+        but the last, as after a step, and draw nothing: their next step verifies from there, as in
+        the run they continue. Returns the captured layers of the cached tokens (DSpark) or None."""
+
     def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
         """Score each sequence's drafts after its committed tokens and decide what to keep."""
 
@@ -66,6 +71,10 @@ class TargetVerifier:
     def add(self, seqs: list[Sequence]) -> VerifyOutput:
         logits = self.prefill(seqs)  # [N, V]
         return self._first_tokens(seqs, logits, first_row=0)
+
+    def resume(self, seqs: list[Sequence]) -> TargetFeatures | None:
+        self.runner.add({seq.seq_id: seq.token_ids[:-1] for seq in seqs})
+        return self._features(seqs, [seq.num_tokens - 1 for seq in seqs])
 
     def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
         return self.verify_and_add(seqs, proposal, [])[0]

@@ -7,7 +7,8 @@ caller picks; deltas leave through `send(ticket, delta)`.
 
 When the verifier loses its state (`VerifierStateLost`: the target workers died), every open
 request is added again as the continuation of what its client was sent, and waits for the new
-workers; after `MAX_REPLAYS_IN_A_ROW` such losses without a step between them, they fail.
+workers (its deltas are whole steps, so what was sent ends where a step ended: greedy and seeded
+sampled continuations draw what the lost run would have, `engine.sequence`); after `MAX_REPLAYS_IN_A_ROW` such losses without a step between them, they fail.
 """
 
 from __future__ import annotations

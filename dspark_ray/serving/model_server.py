@@ -12,7 +12,8 @@ spend their CPU per piece, not per token.
 
 The server remembers what each open request's client has been sent. When an `EngineProcess`
 dies, it starts a new one and replays every unfinished request as the continuation of that
-(`CompletionRequest.resumed`): the stream goes on where it was. A request replayed
+(`CompletionRequest.resumed`): the stream goes on where it was, with the text the lost engine
+would have sent, seeded sampled text included (`engine.sequence` says why and when not). A request replayed
 `MAX_REPLAYS` times fails alone; `MAX_RESTARTS_IN_A_ROW` restarts without a delta between them
 fail every open request and leave the server down (`is_alive` false), for the replica to be replaced.
 """

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from dspark_ray.core.sampling import (
+    MAX_SEED,
     SamplingParams,
     SamplingTensors,
+    counter_seed,
     logits_to_probs,
     make_generator,
     sample_from_probs,
@@ -240,3 +242,9 @@ def test_sample_from_probs_accepts_the_default_rng():
 def test_make_generator_seeded_and_unseeded():
     assert torch.equal(torch.rand(4, generator=make_generator(5)), torch.rand(4, generator=make_generator(5)))
     assert not torch.equal(torch.rand(4, generator=make_generator(None)), torch.rand(4, generator=make_generator(None)))
+
+
+def test_counter_seeds_are_implied_by_seed_and_counter_and_differ_across_both():
+    seeds = {counter_seed(seed, counter) for seed in (0, 1, MAX_SEED) for counter in range(50)}
+    assert len(seeds) == 150 and all(0 <= seed <= MAX_SEED for seed in seeds)
+    assert counter_seed(7, 3) == counter_seed(7, 3)

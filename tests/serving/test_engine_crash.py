@@ -1,6 +1,6 @@
 """A local engine process that dies or stalls: the server restarts it and replays every open
-request from what its client was sent (greedy streams end exactly as the target alone, text and
-usage as one stream); restarts that keep failing fail the requests and leave the server down; a
+request from what its client was sent (greedy streams end exactly as the target alone, seeded
+sampled ones exactly as an uninterrupted run, text and usage as one stream); restarts that keep failing fail the requests and leave the server down; a
 stopped engine with pending work fails the health check, an idle one never does."""
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ async def _collect(server: ModelServer, request: CompletionRequest, progress: di
     return deltas
 
 
+async def _collect_all(server: ModelServer, requests: list[CompletionRequest]) -> list[list[CompletionDelta]]:
+    return await asyncio.gather(*(_collect(server, request, {}) for request in requests))
+
+
 async def _kill_midway(server: ModelServer, requests: list[CompletionRequest]) -> list[list[CompletionDelta]]:
     """Run the requests; SIGKILL the engine process once every one has streamed some tokens."""
     progress: dict[str, int] = {}
@@ -58,7 +62,8 @@ def _assert_one_coherent_stream(deltas: list[CompletionDelta], request: Completi
     assert (deltas[-1].num_prompt_tokens, deltas[-1].num_output_tokens) == (len(request.prompt_token_ids), len(tokens))
 
 
-def test_a_killed_engine_process_replays_16_greedy_streams_identically(engine_config, target_only) -> None:
+def test_a_killed_engine_process_replays_16_greedy_and_4_seeded_streams_identically(engine_config,
+                                                                                    target_only) -> None:
     server = ModelServer(EngineProcess(engine_config, num_threads=1))
     greedy = [CompletionRequest(f"g{i}", target_only.encode(PROMPTS[i % len(PROMPTS)]), max_tokens=MAX_TOKENS)
               for i in range(NUM_STREAMS)]
@@ -69,12 +74,15 @@ def test_a_killed_engine_process_replays_16_greedy_streams_identically(engine_co
     try:
         outputs = asyncio.run(_kill_midway(server, greedy + seeded))
         after = asyncio.run(_collect(server, greedy[1], {}))
+        uninterrupted = asyncio.run(_collect_all(server, seeded))  # the restarted engine, never killed
     finally:
         server.shutdown()
     for request, deltas in zip(greedy + seeded, outputs):
         _assert_one_coherent_stream(deltas, request, decode)
     for request, deltas in zip(greedy, outputs):
         assert _tokens(deltas) == target_only.generate(request.prompt_token_ids, MAX_TOKENS), request.request_id
+    for request, deltas, reference in zip(seeded, outputs[len(greedy):], uninterrupted):
+        assert _tokens(deltas) == _tokens(reference), request.request_id
     assert _tokens(after) == target_only.generate(greedy[1].prompt_token_ids, MAX_TOKENS)  # serving resumed
     assert server.num_restarts == 1 and server.runner._process.pid != first_pid
 

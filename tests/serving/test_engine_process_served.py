@@ -1,5 +1,6 @@
 """A served local engine in a process of its own: when that process dies, the replica restarts it
-and the stream it held goes on with target-only's text; when it stalls with a request open,
+and the stream it held goes on with target-only's text (a seeded sampled one with the text of an
+uninterrupted run); when it stalls with a request open,
 `/health` says so, Serve's health check replaces the replica, and the new one serves
 target-only's tokens."""
 
@@ -90,6 +91,18 @@ def test_a_killed_engine_process_is_restarted_and_its_stream_goes_on(crash_app, 
                "return_token_ids": True}
     answer = httpx.post(url, json=request, timeout=120)
     assert answer.json()["choices"][0]["token_ids"] == target_only.generate(target_only.encode(PROMPT), MAX_TOKENS)
+
+
+def test_a_killed_engine_process_continues_a_seeded_sampled_stream_with_the_uninterrupted_text(crash_app) -> None:
+    url = f"{crash_app.base_url}/completions"
+    body = {"model": "crash", "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, "temperature": 0.9,
+            "top_p": 0.95, "seed": 1234, "stream": True}
+    uninterrupted = _stream(url, body, lambda: None)
+    engines = engine_process_pids(model_server_pid(crash_app))
+    lines = _stream(url, body, lambda: _signal_all(engines, signal.SIGKILL))
+    assert lines[-1] == "data: [DONE]" and all("error" not in json.loads(line[6:]) for line in lines[:-1])
+    assert not engine_process_pids(model_server_pid(crash_app)) & engines  # it was killed mid-stream
+    assert _text(lines) == _text(uninterrupted) and len(_text(lines)) > 0
 
 
 def test_a_stopped_engine_fails_the_health_check_and_the_replica_is_replaced(crash_app, target_only) -> None:

@@ -59,19 +59,20 @@ def spec_to_wire(seq: Sequence, seed: int, with_output: bool = False) -> pb.Sequ
                            sampling=sampling_to_wire(seq.request.sampling), seed=seed)
 
 
+def resumed_spec_to_wire(seq: Sequence) -> pb.SequenceSpec:
+    """A replayed sequence (`Verifier.resume`) as a prompt of all its committed tokens but the last;
+    seed 0: the token the worker draws after it is dropped, and no generator of the sequence's gave it."""
+    return pb.SequenceSpec(seq_id=seq.seq_id, prompt_token_ids=seq.token_ids[:-1],
+                           sampling=sampling_to_wire(seq.request.sampling), seed=0)
+
+
 def sequence_from_wire(spec: pb.SequenceSpec) -> Sequence:
-    """A worker's copy of a coordinator sequence; its generator is reseeded by every command."""
+    """A worker's copy of a coordinator sequence; it is reseeded by every command."""
     request = GenerationRequest(list(spec.prompt_token_ids), sampling_from_wire(spec.sampling),
                                 max_tokens=UNLIMITED_TOKENS, ignore_eos=True)
-    seq = Sequence(spec.seq_id, request, seeded_generator(spec.seed))
+    seq = Sequence(spec.seq_id, request, spec.seed)
     seq.output_token_ids.extend(spec.output_token_ids)
     return seq
-
-
-def seeded_generator(seed: int) -> torch.Generator:
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    return generator
 
 
 def token_update(seq: Sequence, num_known_tokens: int) -> pb.TokenUpdate:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from dspark_ray.engine.sequence import Sequence
-from dspark_ray.serving.distributed.convert import seeded_generator, sequence_from_wire
+from dspark_ray.serving.distributed.convert import sequence_from_wire
 from dspark_ray.serving.wire import worker_pb2 as pb
 
 
@@ -58,7 +58,7 @@ class SequenceMirror:
     def reseed(self, seqs: list[Sequence], seeds: Iterable[int]) -> None:
         for seq, seed in zip(seqs, seeds):
             if not seq.request.sampling.is_greedy:
-                seq.generator = seeded_generator(seed)
+                seq.reseed(seed)
 
     def remove(self, seq_ids: Iterable[int]) -> list[int]:
         """Forget the named sequences; returns those that were tracked."""

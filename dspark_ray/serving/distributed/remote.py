@@ -14,7 +14,7 @@ background) and the step goes on with an empty draft: target-only decoding, the 
 identical greedy output. A failed target command reports the target group (it is rebuilt in the
 background) and raises `TargetUnavailable` (a `VerifierStateLost`): the engine loop adds the
 affected requests again, as continuations of what their clients were sent, and they wait for the
-new group.
+new group (`RemoteVerifier.resume` gives it their committed tokens).
 """
 
 from __future__ import annotations
@@ -138,6 +138,15 @@ class RemoteVerifier:
         response = self._call(stub, generation, "Add", request)
         self.known.mark(seqs)
         return self._output(response.results, seqs, 0)
+
+    def resume(self, seqs: list[Sequence]) -> TargetFeatures | None:
+        """The workers' Add of all committed tokens but the last (the next Verify sends the last):
+        their cache is then what a step leaves. The first token the Add returns is dropped."""
+        stub, generation = self._connect()
+        request = pb.TargetAddRequest(seqs=[convert.resumed_spec_to_wire(seq) for seq in seqs])
+        response = self._call(stub, generation, "Add", request)
+        self.known.counts.update((seq.seq_id, seq.num_tokens - 1) for seq in seqs)
+        return convert.results_from_wire(response.results, [seq.seq_id for seq in seqs], 0).target_features
 
     def verify(self, seqs: list[Sequence], proposal: DraftProposal) -> VerifyOutput:
         stub, generation = self._connect()

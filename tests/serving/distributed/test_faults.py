@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from conftest import PROMPTS, engine_config, greedy_requests, outputs
+from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.serving.model_server import ModelServer
 from dspark_ray.serving.protocol import CompletionRequest
@@ -28,6 +29,10 @@ def tp2(distributed_engines):
 
 def _target_only(config):
     return config.model_copy(update={"drafter": "none"})
+
+
+def _tokens(deltas) -> list[int]:
+    return [token for delta in deltas for token in delta.token_ids]
 
 
 def _wait_until(condition, timeout_s: float = 120.0) -> None:
@@ -90,9 +95,13 @@ def test_client_aborts_free_every_sequence(tp1) -> None:
 @pytest.mark.slow
 def test_killed_target_rank_replays_16_streams_identically(tp2, local_outputs) -> None:
     """The group is rebuilt and every open request goes on where its client was: 16/16 end as the
-    target alone, text and usage as one stream; a request after it too."""
+    target alone, text and usage as one stream; a request after it too; 4 seeded sampled requests
+    beside them end with the text of an uninterrupted run."""
     engine, decode, config = tp2
-    requests = [CompletionRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], max_tokens=60) for i in range(16)]
+    greedy = [CompletionRequest(f"r{i}", PROMPTS[i % len(PROMPTS)], max_tokens=60) for i in range(16)]
+    seeded = [CompletionRequest(f"s{i}", PROMPTS[i], SamplingParams(temperature=0.8, seed=i), max_tokens=60)
+              for i in range(4)]
+    requests = greedy + seeded
     restarts = engine.target.num_restarts
 
     async def collect(server: ModelServer, request: CompletionRequest):
@@ -108,14 +117,18 @@ def test_killed_target_rank_replays_16_streams_identically(tp2, local_outputs) -
             ray.kill(engine.target.actors[1])  # a follower rank: rank 0's collectives fail
             replayed = await asyncio.wait_for(asyncio.gather(*tasks), timeout=300)
             after = await asyncio.wait_for(collect(server, requests[0]), timeout=300)
-            return replayed, after
+            uninterrupted = await asyncio.wait_for(asyncio.gather(*(collect(server, r) for r in seeded)), 300)
+            return replayed, after, uninterrupted
         finally:
             server.shutdown()
 
-    replayed, after = asyncio.run(scenario())
+    replayed, after, uninterrupted = asyncio.run(scenario())
+    for request, deltas, reference in zip(seeded, replayed[len(greedy):], uninterrupted):
+        assert deltas[-1].finish_reason in ("stop", "length"), deltas[-1].error
+        assert _tokens(deltas) == _tokens(reference), request.request_id
     expected = local_outputs(_target_only(config), [GenerationRequest(r.prompt_token_ids, max_tokens=60)
-                                                    for r in requests])
-    for request, deltas, tokens in zip(requests, replayed, expected):
+                                                    for r in greedy])
+    for request, deltas, tokens in zip(greedy, replayed, expected):
         assert deltas[-1].finish_reason == "length", deltas[-1].error
         assert [token for delta in deltas for token in delta.token_ids] == tokens
         assert "".join(delta.text for delta in deltas) == decode(tokens)
