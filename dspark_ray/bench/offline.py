@@ -1,7 +1,8 @@
 """`dspark-ray bench offline`: HF baselines and our engine on the same target, prompts and threads.
 
 Works on any pair: `--target DIR` and `--draft DIR` (the draft LM), `--dspark DIR` for a DSpark
-drafter trained for that target; the bundled pair is the default. Rows: HF greedy `generate`; HF
+drafter trained for that target; each a local directory or a hub id (its snapshot in the HF cache);
+the bundled pair is the default. Rows: HF greedy `generate`; HF
 assisted generation with the draft LM, with HF's defaults and with each fixed
 `num_assistant_tokens` of `--hf-assistant-tokens` (schedule "constant", no confidence stop), the
 fastest of which is the "best fixed" baseline; the engine with no drafter, with the draft LM (the
@@ -157,6 +158,16 @@ class Pair:
     draft_lm: Path | None
     dspark: dict[str, Path]  # row name -> DSpark drafter directory
     skipped: list[str]
+
+
+def local_dir(name: Path | None) -> Path | None:
+    """A model directory as given, or a hub id's snapshot in the HF cache (downloaded if missing
+    and the hub is reachable): the engine loads local directories only."""
+    if name is None or Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name)))
 
 
 def resolve_pair(args: argparse.Namespace) -> Pair:
@@ -372,6 +383,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("target", "draft", "dspark", "dspark_parallel_only"):
+        setattr(args, name, local_dir(getattr(args, name)))
     pair = resolve_pair(args)
     for line in pair.skipped:
         print(line, file=sys.stderr)

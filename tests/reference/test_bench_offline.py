@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dspark_ray.bench.offline import Run, RowStats, resolve_pair, token_counts
+from dspark_ray.bench.offline import Run, RowStats, local_dir, resolve_pair, token_counts
 from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_TARGET_DIR
 
 SCRIPT = """
@@ -87,6 +88,20 @@ def test_efficiency_is_speedup_over_its_bound() -> None:
     bound, efficiency = stats.efficiency(speedup=1.5, target_decode_s=0.02)
     assert bound == pytest.approx(2.5 * 0.02 / 0.025) and efficiency == pytest.approx(1.5 / 2.0)
     assert stats.efficiency(1.5, None) == (None, None)
+
+
+def test_a_hub_id_names_its_snapshot_in_the_hf_cache(tmp_path: Path) -> None:
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    script = "from dspark_ray.bench.offline import local_dir; print(local_dir('org/tiny'))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()) == snapshot
+    assert local_dir(DEFAULT_TARGET_DIR) == DEFAULT_TARGET_DIR and local_dir(None) is None
 
 
 def test_sweep_counts_are_positive() -> None:
