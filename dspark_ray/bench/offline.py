@@ -1,15 +1,30 @@
 """`dspark-ray bench offline`: HF baselines and our engine on the same target, prompts and threads.
 
-Every row decodes the same held-out prompts one at a time (batch 1, greedy), repetitions are
-interleaved across rows, and medians are reported. DSpark rows (`engine_dspark`, and the
-parallel-only ablation `engine_dspark_parallel_only`) appear when their drafter directories exist
-and draft their full block (num_speculative_tokens = the drafter's block size). Speedups are ratios against the HF greedy
-`generate` row of the same run. Each row's outputs are compared with HF greedy token for token.
+Works on any pair: `--target DIR` and `--draft DIR` (the draft LM), `--dspark DIR` for a DSpark
+drafter trained for that target; each a local directory or a hub id (its snapshot in the HF cache);
+the bundled pair is the default. Rows: HF greedy `generate`; HF
+assisted generation with the draft LM, with HF's defaults and with each fixed
+`num_assistant_tokens` of `--hf-assistant-tokens` (schedule "constant", no confidence stop), the
+fastest of which is the "best fixed" baseline; the engine with no drafter, with the draft LM (the
+command's engine flags), with DSpark (its full block) and with n-gram lookup. Rows without their
+models (no draft LM, no DSpark drafter for this target) are skipped with a line saying why.
+
+Every row decodes the same prompts one at a time (batch 1, greedy); repetitions are interleaved
+across rows (reversed every other repetition) and medians reported. Each row's outputs are compared
+with HF greedy's token for token in every repetition, and the table says whether all were identical.
+
+Efficiency = measured speedup over HF greedy / (L x t_target_decode / (t_verify + t_draft)): L is
+the row's mean acceptance length (tokens per verification step), t_target_decode HF greedy's mean
+one-token target forward, t_verify the row's mean target forward, t_draft its draft forward time per
+step. Each prompt's first target forward (its prefill) is left out of both forward means. The bound
+is the speedup if nothing but forwards cost time; HF greedy's own time outside its forwards counts
+in the row's favour.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -21,61 +36,110 @@ import torch
 from tqdm import tqdm
 
 from dspark_ray.bench.forward_meter import ForwardMeter
-from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_DIR, REFERENCE_DIR
+from dspark_ray.bench.repetitions import interleaved
+from dspark_ray.config import (DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_DIR,
+                               DEFAULT_TARGET_DIR, REFERENCE_DIR)
 from dspark_ray.dspark.io import load_dspark
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
 
 DEFAULT_PROMPTS = REFERENCE_DIR / "prompts" / "heldout.jsonl"
+HF_GREEDY = "hf_generate_greedy"
+HF_ASSISTED = "hf_assisted_defaults"
+HF_FIXED_PREFIX = "hf_assisted_k"
+
+
+@dataclass
+class Run:
+    """One repetition of one row over all prompts."""
+    seconds: float
+    num_tokens: int
+    num_steps: int  # verification steps (HF rows: target forwards, each of which yields tokens)
+    num_accepted_tokens: int
+    target_forwards: int
+    target_seconds: float
+    prefill_seconds: float  # the first target forward of each prompt
+    num_prefills: int
+    draft_seconds: float
+
+    @property
+    def acceptance_length(self) -> float | None:
+        return 1 + self.num_accepted_tokens / self.num_steps if self.num_steps else None
+
+    @property
+    def verify_s(self) -> float | None:
+        """Mean target forward after each prompt's prefill."""
+        forwards = self.target_forwards - self.num_prefills
+        return (self.target_seconds - self.prefill_seconds) / forwards if forwards else None
+
+    @property
+    def draft_s(self) -> float:
+        return self.draft_seconds / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def other_s(self) -> float:
+        return self.seconds - self.target_seconds - self.draft_seconds
 
 
 @dataclass
 class RowStats:
     name: str
-    seconds: list[float] = field(default_factory=list)  # one entry per repetition
-    num_tokens: int = 0
-    target_forwards: int = 0
-    target_seconds: float = 0.0
-    draft_seconds: float = 0.0
-    num_steps: int = 0
-    num_accepted_tokens: int = 0
+    runs: list[Run] = field(default_factory=list)
     identical_to_hf_greedy: bool | None = None
 
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
+    def median(self, attribute: str) -> float | None:
+        values = [getattr(run, attribute) for run in self.runs]
+        return statistics.median(values) if None not in values else None
 
     @property
     def tokens_per_s(self) -> float:
-        return self.num_tokens / self.median_s
+        return self.runs[0].num_tokens / self.median("seconds")
 
-    @property
-    def mean_acceptance_length(self) -> float | None:
-        return 1 + self.num_accepted_tokens / self.num_steps if self.num_steps else None
+    def efficiency(self, speedup: float, target_decode_s: float | None) -> tuple[float | None, float | None]:
+        """(bound, measured speedup / bound); None where a forward mean is missing."""
+        length, verify_s = self.median("acceptance_length"), self.median("verify_s")
+        if length is None or verify_s is None or target_decode_s is None:
+            return None, None
+        bound = length * target_decode_s / (verify_s + self.median("draft_s"))
+        return bound, speedup / bound
 
 
 class Row:
-    """One way of decoding; `decode` returns the generated ids of each prompt."""
+    """One way of decoding; `decode` returns the generated ids of a prompt and the engine's stats
+    (None for HF rows)."""
 
     def __init__(self, name: str, decode, draft_module: torch.nn.Module | None = None) -> None:
         self.name, self.decode = name, decode
-        self.draft_meter = ForwardMeter(draft_module) if draft_module is not None else None
+        self.draft_module = draft_module
 
 
 def hf_greedy_row(models: LoadedModels, max_tokens: int) -> Row:
     def decode(prompt_ids: list[int]):
         output = models.target.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_tokens)
         return output[0, len(prompt_ids):].tolist(), None
-    return Row("hf_generate_greedy", decode)
+    return Row(HF_GREEDY, decode)
 
 
-def hf_assisted_row(models: LoadedModels, max_tokens: int) -> Row:
+def hf_assisted_row(name: str, models: LoadedModels, max_tokens: int, settings: dict) -> Row:
+    """HF assisted generation with `settings` on the assistant's generation config: HF reads
+    `num_assistant_tokens`, its schedule and the confidence threshold from the assistant model, not
+    from `generate`'s arguments. Each row sets its own config before every call."""
+    config = copy.deepcopy(models.draft.generation_config)
+    config.update(**settings)
+
     def decode(prompt_ids: list[int]):
+        models.draft.generation_config = config
         output = models.target.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_tokens,
                                         assistant_model=models.draft)
         return output[0, len(prompt_ids):].tolist(), None
-    return Row("hf_assisted_draft_lm", decode)
+    return Row(name, decode, models.draft)
+
+
+def hf_fixed_settings(num_assistant_tokens: int) -> dict:
+    """A fixed draft length: constant schedule, and no confidence stop (threshold 0 is off)."""
+    return {"num_assistant_tokens": num_assistant_tokens, "num_assistant_tokens_schedule": "constant",
+            "assistant_confidence_threshold": 0.0}
 
 
 def engine_row(name: str, config, models: LoadedModels, max_tokens: int,
@@ -87,16 +151,48 @@ def engine_row(name: str, config, models: LoadedModels, max_tokens: int,
     return Row(name, decode, draft_module)
 
 
-def dspark_dirs(args: argparse.Namespace) -> dict[str, Path]:
-    """Row name -> DSpark drafter directory, for those that exist."""
-    main = args.draft if args.drafter == "dspark" and args.draft is not None else DEFAULT_DSPARK_DIR
-    dirs = {"engine_dspark": main, "engine_dspark_parallel_only": args.dspark_parallel_only}
-    return {name: Path(d) for name, d in dirs.items() if (Path(d) / "config.json").is_file()}
+@dataclass
+class Pair:
+    """The models of the run: the draft LM and DSpark drafters where given (None: their rows skip)."""
+    target: Path
+    draft_lm: Path | None
+    dspark: dict[str, Path]  # row name -> DSpark drafter directory
+    skipped: list[str]
 
 
-def dspark_rows(args: argparse.Namespace, models: LoadedModels) -> list[Row]:
+def local_dir(name: Path | None) -> Path | None:
+    """A model directory as given, or a hub id's snapshot in the HF cache (downloaded if missing
+    and the hub is reachable): the engine loads local directories only."""
+    if name is None or Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name)))
+
+
+def resolve_pair(args: argparse.Namespace) -> Pair:
+    """The bundled draft LM and DSpark drafters are defaults for the bundled target only: they were
+    trained for it, and another target would reject or waste them."""
+    bundled = Path(args.target).resolve() == DEFAULT_TARGET_DIR.resolve()
+    draft_lm = args.draft if args.draft is not None else (DEFAULT_DRAFT_DIR if bundled else None)
+    dspark = {"engine_dspark": args.dspark, "engine_dspark_parallel_only": args.dspark_parallel_only}
+    if bundled:
+        defaults = {"engine_dspark": DEFAULT_DSPARK_DIR, "engine_dspark_parallel_only": DEFAULT_DSPARK_PARALLEL_ONLY_DIR}
+        dspark = {name: directory or defaults[name] for name, directory in dspark.items()}
+    skipped = []
+    if draft_lm is None:
+        skipped.append("HF assisted and engine_draft_lm rows skipped: no draft LM for this target (--draft DIR)")
+    for name, directory in dspark.items():
+        if directory is None or not (Path(directory) / "config.json").is_file():
+            flag = "--dspark" if name == "engine_dspark" else "--dspark-parallel-only"
+            skipped.append(f"{name} skipped: no DSpark drafter for this target ({flag} DIR)")
+    dspark = {name: Path(d) for name, d in dspark.items() if d is not None and (Path(d) / "config.json").is_file()}
+    return Pair(Path(args.target), draft_lm, dspark, skipped)
+
+
+def dspark_rows(args: argparse.Namespace, pair: Pair, models: LoadedModels) -> list[Row]:
     rows = []
-    for name, directory in dspark_dirs(args).items():
+    for name, directory in pair.dspark.items():
         dspark = load_dspark(directory, models.target, args.dtype)
         config = engine_config_from_args(args, drafter="dspark", draft=directory,
                                          num_speculative_tokens=dspark.block_size)
@@ -104,69 +200,70 @@ def dspark_rows(args: argparse.Namespace, models: LoadedModels) -> list[Row]:
     return rows
 
 
-def build_rows(args: argparse.Namespace, models: LoadedModels) -> list[Row]:
+def draft_lm_rows(args: argparse.Namespace, pair: Pair, models: LoadedModels) -> list[Row]:
+    rows = [hf_assisted_row(HF_ASSISTED, models, args.max_tokens, {})]
+    rows += [hf_assisted_row(f"{HF_FIXED_PREFIX}{k}", models, args.max_tokens, hf_fixed_settings(k))
+             for k in args.hf_assistant_tokens]
+    config = engine_config_from_args(args, drafter="model", draft=pair.draft_lm)
+    rows.append(engine_row("engine_draft_lm", config, models, args.max_tokens, models.draft))
+    return rows
+
+
+def build_rows(args: argparse.Namespace, pair: Pair, models: LoadedModels) -> list[Row]:
     rows = [hf_greedy_row(models, args.max_tokens),
             engine_row("engine_none", engine_config_from_args(args, drafter="none"), models, args.max_tokens)]
     if models.draft is not None:
-        rows.append(hf_assisted_row(models, args.max_tokens))
-        for schedule in ("confidence", "heuristic", "off"):
-            config = engine_config_from_args(args, drafter="model", draft=draft_lm_dir(args),
-                                             adaptive_speculation=schedule)
-            rows.append(engine_row(f"engine_draft_lm_{schedule}", config, models, args.max_tokens))
-    rows.extend(dspark_rows(args, models))
+        rows += draft_lm_rows(args, pair, models)
+    rows += dspark_rows(args, pair, models)
     rows.append(engine_row("engine_ngram", engine_config_from_args(args, drafter="ngram"), models, args.max_tokens))
     return rows
 
 
-def run_row(row: Row, prompts: list[list[int]], stats: RowStats, meters: dict[str, ForwardMeter]) -> list[list[int]]:
-    for meter in [*meters.values(), *([row.draft_meter] if row.draft_meter else [])]:
-        meter.reset()
-    outputs, seq_stats = [], []
+def run_row(row: Row, prompts: list[list[int]], target_meter: ForwardMeter,
+            draft_meter: ForwardMeter | None) -> tuple[list[list[int]], Run]:
+    for meter in (target_meter, draft_meter):
+        if meter is not None:
+            meter.reset()
+    outputs, seq_stats, first_forwards = [], [], []
     start = time.perf_counter()
     for prompt_ids in prompts:
+        first_forwards.append(target_meter.calls)
         tokens, step_stats = row.decode(prompt_ids)
         outputs.append(tokens)
         seq_stats.append(step_stats)
-    stats.seconds.append(time.perf_counter() - start)
-    stats.num_tokens = sum(len(tokens) for tokens in outputs)
-    stats.target_forwards = meters["target"].calls
-    stats.target_seconds = meters["target"].seconds
-    draft_meter = row.draft_meter or meters.get("draft")
-    stats.draft_seconds = draft_meter.seconds if draft_meter is not None else 0.0
-    stats.num_steps = sum(s.num_steps for s in seq_stats if s is not None)
-    stats.num_accepted_tokens = sum(s.num_accepted_tokens for s in seq_stats if s is not None)
-    return outputs
+    seconds = time.perf_counter() - start
+    num_tokens = sum(len(tokens) for tokens in outputs)
+    if all(s is not None for s in seq_stats):  # the engine's own count of verification steps
+        num_steps = sum(s.num_steps for s in seq_stats)
+        num_accepted = sum(s.num_accepted_tokens for s in seq_stats)
+    else:  # HF: every target forward is one step and yields its accepted tokens plus one
+        num_steps, num_accepted = target_meter.calls, num_tokens - target_meter.calls
+    prefills = [target_meter.durations[i] for i in first_forwards if i < target_meter.calls]
+    return outputs, Run(seconds, num_tokens, num_steps, num_accepted, target_meter.calls, target_meter.seconds,
+                        sum(prefills), len(prefills), draft_meter.seconds if draft_meter is not None else 0.0)
 
 
-def benchmark(args: argparse.Namespace) -> list[RowStats]:
+def benchmark(args: argparse.Namespace, pair: Pair) -> list[RowStats]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = load_models(engine_config_from_args(args, drafter="model", draft=draft_lm_dir(args))
-                         if args.drafter in ("model", "dspark") else engine_config_from_args(args))
+    models = load_models(engine_config_from_args(args, drafter="model", draft=pair.draft_lm) if pair.draft_lm
+                         else engine_config_from_args(args, drafter="none"))
     prompts = load_prompt_ids(args.prompts, models, args.num_prompts)
-    rows = build_rows(args, models)
-    meters = {"target": ForwardMeter(models.target)}
-    if models.draft is not None:
-        meters["draft"] = ForwardMeter(models.draft)
+    rows = build_rows(args, pair, models)
+    target_meter = ForwardMeter(models.target)
+    draft_meters = {id(row.draft_module): ForwardMeter(row.draft_module) for row in rows if row.draft_module is not None}
     results = {row.name: RowStats(row.name) for row in rows}
     for row in rows:  # warm-up, untimed
         row.decode(prompts[0])
-    reference: list[list[int]] | None = None
-    for _ in tqdm(range(args.repetitions), desc="repetitions", file=sys.stderr):
-        for row in rows:
-            outputs = run_row(row, prompts, results[row.name], meters)
-            reference = outputs if row.name == "hf_generate_greedy" else reference
-            same = outputs == reference
-            previous = results[row.name].identical_to_hf_greedy
-            results[row.name].identical_to_hf_greedy = same if previous is None else previous and same
+    outputs: dict[str, list[list[list[int]]]] = {row.name: [] for row in rows}  # row -> runs -> prompts -> ids
+    for row in tqdm(list(interleaved(rows, args.repetitions)), desc="rows x repetitions", file=sys.stderr):
+        row_outputs, run = run_row(row, prompts, target_meter, draft_meters.get(id(row.draft_module)))
+        results[row.name].runs.append(run)
+        outputs[row.name].append(row_outputs)
+    reference = outputs[HF_GREEDY][0]
+    for name, runs in outputs.items():
+        results[name].identical_to_hf_greedy = all(run == reference for run in runs)
     return list(results.values())
-
-
-def draft_lm_dir(args: argparse.Namespace) -> Path:
-    """The draft LM of the draft-LM rows (`--draft` names the DSpark drafter under --drafter dspark)."""
-    if args.draft_lm is not None:
-        return args.draft_lm
-    return args.draft if args.drafter == "model" and args.draft is not None else DEFAULT_DRAFT_DIR
 
 
 def load_prompt_ids(path: Path, models: LoadedModels, limit: int) -> list[list[int]]:
@@ -174,33 +271,72 @@ def load_prompt_ids(path: Path, models: LoadedModels, limit: int) -> list[list[i
     return [models.tokenizer.encode(record["prompt"]) for record in lines[:limit]]
 
 
+@dataclass
+class Baselines:
+    """What every row is compared with: HF greedy, HF assisted with defaults and its best fixed length."""
+    greedy: RowStats
+    assisted: RowStats | None
+    best_fixed: RowStats | None
+
+    @classmethod
+    def of(cls, results: list[RowStats]) -> Baselines:
+        by_name = {r.name: r for r in results}
+        fixed = [r for r in results if r.name.startswith(HF_FIXED_PREFIX)]
+        return cls(by_name[HF_GREEDY], by_name.get(HF_ASSISTED),
+                   max(fixed, key=lambda r: r.tokens_per_s) if fixed else None)
+
+    @property
+    def target_decode_s(self) -> float | None:
+        return self.greedy.median("verify_s")
+
+
+def row_figures(r: RowStats, base: Baselines) -> dict:
+    speedup = r.tokens_per_s / base.greedy.tokens_per_s
+    bound, efficiency = r.efficiency(speedup, base.target_decode_s)
+    return {"tokens_per_s": r.tokens_per_s, "median_s": r.median("seconds"), "speedup_vs_hf_greedy": speedup,
+            "vs_hf_assisted_defaults": r.tokens_per_s / base.assisted.tokens_per_s if base.assisted else None,
+            "vs_hf_assisted_best_fixed": r.tokens_per_s / base.best_fixed.tokens_per_s if base.best_fixed else None,
+            "mean_acceptance_length": r.median("acceptance_length"), "verify_ms": _ms(r.median("verify_s")),
+            "draft_ms_per_step": _ms(r.median("draft_s")), "other_s": r.median("other_s"),
+            "efficiency_bound": bound, "efficiency": efficiency, "identical_to_hf_greedy": r.identical_to_hf_greedy}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
 def format_table(results: list[RowStats]) -> str:
-    base = next(r for r in results if r.name == "hf_generate_greedy")
-    assisted = next((r for r in results if r.name == "hf_assisted_draft_lm"), None)
-    header = (f"{'row':<28} {'tok/s':>8} {'vs HF greedy':>12} {'vs HF assisted':>14} {'mean acc len':>12} "
-              f"{'tok/fwd':>8} {'target s':>9} {'draft s':>8} {'other s':>8} {'identical':>9}")
+    base = Baselines.of(results)
+    header = (f"{'row':<28} {'tok/s':>8} {'vs HF greedy':>12} {'vs HF asst':>10} {'vs HF best':>10} "
+              f"{'acc len':>7} {'verify ms':>9} {'draft ms':>8} {'other s':>7} {'bound':>6} {'effic.':>6} "
+              f"{'identical':>9}")
     lines = [header, "-" * len(header)]
     for r in results:
-        vs_assisted = f"{r.tokens_per_s / assisted.tokens_per_s:.2f}x" if assisted else "-"
-        acceptance = f"{r.mean_acceptance_length:.2f}" if r.mean_acceptance_length else "-"
-        other = r.seconds[-1] - r.target_seconds - r.draft_seconds
+        f = row_figures(r, base)
         lines.append(
-            f"{r.name:<28} {r.tokens_per_s:>8.1f} {r.tokens_per_s / base.tokens_per_s:>11.2f}x {vs_assisted:>14} "
-            f"{acceptance:>12} {r.num_tokens / max(1, r.target_forwards):>8.2f} {r.target_seconds:>9.2f} "
-            f"{r.draft_seconds:>8.2f} {other:>8.2f} {str(r.identical_to_hf_greedy):>9}")
+            f"{r.name:<28} {f['tokens_per_s']:>8.1f} {_fmt(f['speedup_vs_hf_greedy'], '>11.2f', 'x')} "
+            f"{_fmt(f['vs_hf_assisted_defaults'], '>9.2f', 'x')} {_fmt(f['vs_hf_assisted_best_fixed'], '>9.2f', 'x')} "
+            f"{_fmt(f['mean_acceptance_length'], '>7.2f')} {_fmt(f['verify_ms'], '>9.2f')} "
+            f"{_fmt(f['draft_ms_per_step'], '>8.2f')} {f['other_s']:>7.2f} {_fmt(f['efficiency_bound'], '>5.2f', 'x')} "
+            f"{_fmt(f['efficiency'], '>6.0%')} {str(r.identical_to_hf_greedy):>9}")
+    if base.best_fixed is not None:
+        lines.append(f"HF assisted best fixed num_assistant_tokens: {base.best_fixed.name[len(HF_FIXED_PREFIX):]} "
+                     f"(of {', '.join(r.name[len(HF_FIXED_PREFIX):] for r in results if r.name.startswith(HF_FIXED_PREFIX))})")
+    lines.append(f"t_target_decode (HF greedy one-token forward): {_fmt(_ms(base.target_decode_s), '.2f', ' ms')}")
     return "\n".join(lines)
 
 
-def to_json(results: list[RowStats], args: argparse.Namespace) -> dict:
-    base = next(r for r in results if r.name == "hf_generate_greedy")
-    rows = []
-    for r in results:
-        row = asdict(r)
-        row.update(median_s=r.median_s, tokens_per_s=r.tokens_per_s, speedup_vs_hf_greedy=r.tokens_per_s / base.tokens_per_s,
-                   mean_acceptance_length=r.mean_acceptance_length)
-        rows.append(row)
+def to_json(results: list[RowStats], args: argparse.Namespace, pair: Pair) -> dict:
+    base = Baselines.of(results)
+    rows = [{**asdict(r), **row_figures(r, base)} for r in results]
     settings = {key: str(value) for key, value in vars(args).items() if key != "func"}
-    return {"settings": settings, "threads": torch.get_num_threads(), "rows": rows}
+    return {"settings": settings, "threads": torch.get_num_threads(), "skipped": pair.skipped,
+            "hf_assisted_best_fixed": base.best_fixed.name if base.best_fixed else None,
+            "target_decode_ms": _ms(base.target_decode_s), "rows": rows}
 
 
 def plot(results: list[RowStats], path: Path) -> None:
@@ -215,30 +351,51 @@ def plot(results: list[RowStats], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def token_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts >= 1, got {text!r}")
+    return counts
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("offline", help="HF generate / assisted generation vs the engine's drafters",
-                                   description=__doc__)
+                                   description=__doc__.split("\n\n")[0])
     add_engine_arguments(parser)
+    parser._option_string_actions["--draft"].help = ("draft LM directory of the HF assisted and engine_draft_lm rows "
+                                                     "(default: the bundled one, for the bundled target only)")
+    parser.add_argument("--dspark", type=Path, default=None,
+                        help="DSpark drafter trained for --target (row engine_dspark; default: the bundled one, "
+                             "for the bundled target only)")
+    parser.add_argument("--dspark-parallel-only", type=Path, default=None,
+                        help="DSpark parallel-only ablation (row engine_dspark_parallel_only; default: the bundled "
+                             "one, for the bundled target only)")
+    parser.add_argument("--hf-assistant-tokens", type=token_counts, default=[1, 2, 4, 8, 16], metavar="K,K,...",
+                        help="fixed num_assistant_tokens of the HF assisted rows hf_assisted_k<K>; the fastest is "
+                             "the 'best fixed' baseline")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL of {\"prompt\": ...}")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_offline.json"), help="JSON results")
     parser.add_argument("--plot", type=Path, default=None, help="optional PNG bar chart")
-    parser.add_argument("--draft-lm", type=Path, default=None,
-                        help="draft LM of the draft-LM rows (default: --draft under --drafter model, else the bundled one)")
-    parser.add_argument("--dspark-parallel-only", type=Path, default=DEFAULT_DSPARK_PARALLEL_ONLY_DIR,
-                        help="DSpark parallel-only ablation directory (row engine_dspark_parallel_only if present)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    results = benchmark(args)
-    print(f"threads={torch.get_num_threads()} prompts={args.num_prompts} max_tokens={args.max_tokens} "
-          f"repetitions={args.repetitions} (medians)")
+    for name in ("target", "draft", "dspark", "dspark_parallel_only"):
+        setattr(args, name, local_dir(getattr(args, name)))
+    pair = resolve_pair(args)
+    for line in pair.skipped:
+        print(line, file=sys.stderr)
+    results = benchmark(args, pair)
+    print(f"target={pair.target} draft_lm={pair.draft_lm} threads={torch.get_num_threads()} "
+          f"prompts={args.num_prompts} max_tokens={args.max_tokens} repetitions={args.repetitions} (medians)")
     print(format_table(results))
+    for line in pair.skipped:
+        print(line)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(to_json(results, args), indent=2))
+    args.out.write_text(json.dumps(to_json(results, args, pair), indent=2))
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -23,3 +23,9 @@ def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """The run whose `key` is the median (the upper one of an even count), plus `<key>_runs`."""
     middle = sorted(runs, key=lambda run: run[key])[len(runs) // 2]
     return {**middle, f"{key}_runs": [run[key] for run in runs]}
+
+
+def median_levels(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of repeated `bench serve` runs: per level, the run with the median output tokens/s."""
+    levels = [median_run(list(runs), "output_tokens_per_s") for runs in zip(*(report["levels"] for report in reports))]
+    return {**reports[0], "levels": levels}

@@ -7,7 +7,10 @@ wait), the acceptance length from the `dspark` vendor field, and errors. `--laun
 local Ray Serve with two applications on the same models, speculative and a baseline (target-only,
 drafter none; or with `--baseline engine-thread` the same engine stepped on a thread of its
 replica), benchmarks both and prints them side by side; `--compare A.json B.json` does the same for
-two earlier runs. Requests go to 127.0.0.1 only: this is a load generator for your own server.
+two earlier runs. `--compare-url URL` runs the same client, prompts, lengths and levels against
+another OpenAI-compatible server (vLLM, say), repetitions interleaved, and reports `--url`'s figures
+as ratios to the other's and, greedy, whether both servers returned the same tokens for every
+request. Requests go to 127.0.0.1 only: this is a load generator for your own server.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from dspark_ray.bench.repetitions import interleaved, median_run
+from dspark_ray.bench.repetitions import interleaved, median_levels
+from dspark_ray.bench.side_by_side import OTHER, OURS, bench_side_by_side, format_identical
 from dspark_ray.config import REFERENCE_DIR
 from dspark_ray.serving.ports import free_port
 
@@ -52,6 +56,9 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     num_steps: int = 0
     num_accepted_tokens: int = 0
+    index: int = 0  # which request of the level (its prompt and max_tokens)
+    token_ids: list[int] = field(default_factory=list)  # empty when the server sends none
+    text: str = ""
 
     @property
     def tpot_s(self) -> float | None:
@@ -68,12 +75,13 @@ def summarize(values: list[float]) -> dict[str, float | None]:
     return {"mean": statistics.fmean(ordered) * 1e3, "p50": statistics.median(ordered) * 1e3, "p99": p99 * 1e3}
 
 
-def level_report(concurrency: int, results: list[RequestResult], duration_s: float) -> dict[str, Any]:
+def level_report(concurrency: int, results: list[RequestResult], duration_s: float,
+                 keep_outputs: bool = False) -> dict[str, Any]:
     done = [r for r in results if r.ok]
     tokens = sum(r.num_output_tokens for r in done)
     steps = sum(r.num_steps for r in done)
     errors = [r.error for r in results if not r.ok]
-    return {
+    report = {
         "concurrency": concurrency,
         "num_requests": len(results),
         "num_errors": len(errors),
@@ -87,6 +95,12 @@ def level_report(concurrency: int, results: list[RequestResult], duration_s: flo
         "itl_ms": summarize([gap for r in done for gap in r.itl_s]),
         "mean_acceptance_length": 1 + sum(r.num_accepted_tokens for r in done) / steps if steps else None,
     }
+    if keep_outputs:  # by request index; None for a failed request
+        outputs: list[dict[str, Any] | None] = [None] * (1 + max((r.index for r in results), default=-1))
+        for r in done:
+            outputs[r.index] = {"token_ids": r.token_ids, "text": r.text}
+        report["outputs"] = outputs
+    return report
 
 
 def check_local(url: str) -> None:
@@ -96,11 +110,14 @@ def check_local(url: str) -> None:
 
 
 async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, temperature: float,
-                      ignore_eos: bool) -> RequestResult:
+                      ignore_eos: bool, index: int = 0) -> RequestResult:
+    """One streamed completion. Tokens are counted from the `token_ids` of each chunk (sent on
+    `return_token_ids`, as dspark-ray and vLLM do); a server that sends none has each chunk with
+    text count as one token, and its final `usage` gives the total."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
             "return_token_ids": True}
-    result = RequestResult(ok=False)
+    result = RequestResult(ok=False, index=index)
     start = last = time.perf_counter()
     try:
         async with client.post(f"{url}/completions", json=body) as response:
@@ -120,7 +137,11 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
                     return result
                 now = time.perf_counter()
                 for choice in event.get("choices", []):
-                    num_tokens = len(choice.get("token_ids", []))
+                    token_ids, text = choice.get("token_ids") or [], choice.get("text") or ""
+                    sends_ids = bool(token_ids or result.token_ids)  # then a text-only chunk is held-back text
+                    num_tokens = len(token_ids) if sends_ids else int(bool(text))
+                    result.token_ids.extend(token_ids)
+                    result.text += text
                     if num_tokens and result.ttft_s is None:
                         result.ttft_s = now - start
                     elif num_tokens:
@@ -128,6 +149,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
                     if num_tokens:
                         last = now
                     result.num_output_tokens += num_tokens
+                if not result.token_ids and event.get("usage"):
+                    result.num_output_tokens = event["usage"].get("completion_tokens", result.num_output_tokens)
                 if "usage" in event and event.get("dspark"):
                     result.num_steps = event["dspark"]["num_steps"]
                     result.num_accepted_tokens = event["dspark"]["num_accepted_tokens"]
@@ -141,7 +164,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
 
 
 async def run_level(url: str, model: str, prompts: list[str], concurrency: int, num_requests: int,
-                    max_tokens: list[int], temperature: float, ignore_eos: bool) -> dict[str, Any]:
+                    max_tokens: list[int], temperature: float, ignore_eos: bool,
+                    keep_outputs: bool = False) -> dict[str, Any]:
     """Request `index` sends prompt and max_tokens number `index` (both lists cycled). The client is
     aiohttp: it spends about a third of httpx's CPU per streamed request (3 against 9 ms for 32
     events), and on a machine the server shares that CPU is taken from the server."""
@@ -157,11 +181,12 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
             while not queue.empty():
                 index = queue.get_nowait()
                 results.append(await one_request(client, url, model, prompts[index % len(prompts)],
-                                                 max_tokens[index % len(max_tokens)], temperature, ignore_eos))
+                                                 max_tokens[index % len(max_tokens)], temperature, ignore_eos,
+                                                 index))
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         duration = time.perf_counter() - start
-    return level_report(concurrency, results, duration)
+    return level_report(concurrency, results, duration, keep_outputs)
 
 
 def served_model(url: str, api_key: str | None = None) -> str:
@@ -173,7 +198,7 @@ def served_model(url: str, api_key: str | None = None) -> str:
 
 def bench(url: str, prompts: list[str], levels: list[int], num_requests: int, max_tokens: int,
           temperature: float, ignore_eos: bool, model: str | None = None, label: str | None = None,
-          max_tokens_range: float = 0.0) -> dict[str, Any]:
+          max_tokens_range: float = 0.0, keep_outputs: bool = False) -> dict[str, Any]:
     check_local(url)
     model = model or served_model(url)
     asyncio.run(run_level(url, model, prompts, 1, 1, [max_tokens], temperature, ignore_eos))  # warm-up
@@ -181,7 +206,7 @@ def bench(url: str, prompts: list[str], levels: list[int], num_requests: int, ma
     reports = []
     for concurrency in levels:
         report = asyncio.run(run_level(url, model, prompts, concurrency, num_requests, lengths,
-                                       temperature, ignore_eos))
+                                       temperature, ignore_eos, keep_outputs))
         print(format_level(label or url, report), file=sys.stderr, flush=True)
         reports.append(report)
     return {"url": url, "model": model, "label": label, "max_tokens": max_tokens,
@@ -208,11 +233,12 @@ def format_level(label: str, r: dict[str, Any]) -> str:
             f"  accept_len={'-' if acceptance is None else f'{acceptance:.2f}'}  errors={r['num_errors']}")
 
 
-def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+def compare(a: dict[str, Any], b: dict[str, Any], ratio_label: str = "ratio") -> str:
     """Side by side, ratios b / a (b: usually speculative, a: target-only)."""
     name_a, name_b = a.get("label") or a["url"], b.get("label") or b["url"]
-    lines = [f"{'concurrency':>11}  {'tok/s ' + name_a:>24}  {'tok/s ' + name_b:>24}  {'ratio':>6}  "
-             f"{'tpot ms a':>9}  {'tpot ms b':>9}  {'accept_len b':>12}  ratio per repetition"]
+    lines = [f"{'concurrency':>11}  {'tok/s ' + name_a:>24}  {'tok/s ' + name_b:>24}  {ratio_label:>6}  "
+             f"{'tpot ms a':>9}  {'tpot ms b':>9}  {'ttft ms a':>9}  {'ttft ms b':>9}  {'accept_len b':>12}  "
+             f"ratio per repetition"]
     levels_a = {r["concurrency"]: r for r in a["levels"]}
     for rb in b["levels"]:
         ra = levels_a.get(rb["concurrency"])
@@ -220,9 +246,11 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
             continue
         ratio = rb["output_tokens_per_s"] / ra["output_tokens_per_s"] if ra["output_tokens_per_s"] else float("nan")
         tpot_a, tpot_b = ra["tpot_ms"]["mean"], rb["tpot_ms"]["mean"]
+        ttft_a, ttft_b = (r.get("ttft_ms", {}).get("p50") for r in (ra, rb))
         accept = rb["mean_acceptance_length"]
         lines.append(f"{rb['concurrency']:>11}  {ra['output_tokens_per_s']:>24.1f}  {rb['output_tokens_per_s']:>24.1f}"
-                     f"  {ratio:>5.2f}x  {tpot_a or float('nan'):>9.1f}  {tpot_b or float('nan'):>9.1f}"
+                     f"  {ratio:>{max(5, len(ratio_label) - 1)}.2f}x  {tpot_a or float('nan'):>9.1f}"
+                     f"  {tpot_b or float('nan'):>9.1f}  {ttft_a or float('nan'):>9.1f}  {ttft_b or float('nan'):>9.1f}"
                      f"  {'-' if accept is None else f'{accept:.2f}':>12}  {repetition_ratios(ra, rb)}")
     return "\n".join(lines)
 
@@ -381,10 +409,16 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     return runs
 
 
-def median_levels(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One report of repeated `bench` runs: per level, the run with the median output tokens/s."""
-    levels = [median_run(list(runs), "output_tokens_per_s") for runs in zip(*(report["levels"] for report in reports))]
-    return {**reports[0], "levels": levels}
+def compare_with_url(args: argparse.Namespace, prompts: list[str], levels: list[int]) -> dict[str, Any]:
+    """--url and --compare-url on the same requests (side_by_side)."""
+    def bench_one(url: str, label: str) -> dict[str, Any]:
+        return bench(url, prompts, levels, args.num_requests, args.max_tokens, args.temperature, args.ignore_eos,
+                     args.model if label == OURS else None, label, args.max_tokens_range, keep_outputs=True)
+
+    for url in (args.url, args.compare_url):
+        check_local(url)
+    return bench_side_by_side(bench_one, {OURS: args.url, OTHER: args.compare_url}, args.repetitions,
+                              greedy=args.temperature == 0)
 
 
 def add_parser(subparsers) -> None:
@@ -408,6 +442,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                         help="print two earlier results side by side (ratios B / A) and exit")
+    parser.add_argument("--compare-url", default=None, metavar="URL",
+                        help="another OpenAI-compatible server (127.0.0.1 only), e.g. vLLM on the same model: the "
+                             "same requests go to --url and URL, repetitions interleaved; prints --url's figures as "
+                             "ratios to URL's and, greedy, whether both returned the same tokens")
     parser.add_argument("--launch", action="store_true",
                         help="start a local Ray Serve with speculative and target-only apps and compare them")
     parser.add_argument("--baseline", choices=["target-only", "engine-thread", "other-router", "other-prefill"],
@@ -417,7 +455,8 @@ def add_parser(subparsers) -> None:
                              "or the same app with --colocate-router or --fused-prefill toggled")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (--launch)")
     parser.add_argument("--repetitions", type=int, default=1,
-                        help="--launch: interleaved runs of both apps; each level reports the median run")
+                        help="--launch, --compare-url: interleaved runs of both sides; each level reports the "
+                             "median run")
     add_high_throughput_argument(parser)
     add_engine_process_argument(parser)
     add_engine_arguments(parser, threads_default="1 per engine")
@@ -436,7 +475,13 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.max_tokens_range < 1:
             raise ValueError(f"--max-tokens-range must be in [0, 1), got {args.max_tokens_range}")
         prompts = read_prompts(args.prompts)
-        if args.launch:
+        if args.launch and args.compare_url:
+            raise ValueError("--compare-url compares the server at --url; it does not combine with --launch")
+        if args.compare_url:
+            result = compare_with_url(args, prompts, levels)
+            table = (compare(result[OTHER], result[OURS], ratio_label=f"{OURS}/{OTHER}") + "\n"
+                     + format_identical(result["identical"]))
+        elif args.launch:
             result = launch_and_compare(args, prompts, levels)
             table = compare(result[result["baseline"]], result["speculative"])
             if "served_vs_in_process" in result:
