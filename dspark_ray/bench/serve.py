@@ -95,11 +95,16 @@ def check_local(url: str) -> None:
         raise ValueError(f"bench serve only sends requests to this machine (127.0.0.1), not {host!r}")
 
 
-async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, temperature: float,
-                      ignore_eos: bool) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+def completion_body(model: str, prompt: str, max_tokens: int, temperature: float, ignore_eos: bool) -> dict:
+    """A streaming completion that reports usage and token ids (what the benchmarks time)."""
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
             "return_token_ids": True}
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, temperature: float,
+                      ignore_eos: bool) -> RequestResult:
+    body = completion_body(model, prompt, max_tokens, temperature, ignore_eos)
     result = RequestResult(ok=False)
     start = last = time.perf_counter()
     try:
