@@ -151,7 +151,7 @@ async def send_together(url: str, requests: list[bytes], timeout_s: float) -> tu
     for exchange in exchanges:
         exchange.send()
     spread_s = exchanges[-1].sent_at - exchanges[0].sent_at
-    done, pending = await asyncio.wait([e.done for e in exchanges], timeout=timeout_s)
+    await asyncio.wait([e.done for e in exchanges], timeout=timeout_s)
     for exchange in exchanges:
         if not exchange.done.done():
             exchange.result.error = "no answer"

@@ -368,7 +368,7 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     baseline_name, baseline = baseline_app(args.baseline, config.app)
     # Both apps stay resident (one idles while the other is measured): give Ray logical CPUs for both.
     serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1), args.high_throughput,
-                    args.haproxy)
+                    args.haproxy, one_app=False)  # two apps, two route prefixes, one port: Serve's proxy routes
     try:
         serve.run(build_app(baseline), name=baseline_name, route_prefix=f"/{baseline_name}")
         repetitions: dict[str, list] = {baseline_name: [], "speculative": []}

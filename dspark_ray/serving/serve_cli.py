@@ -155,11 +155,13 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def start(config: ServeConfig, address: str = "local", num_cpus: float | None = None,
-          high_throughput: bool = True, haproxy: bool = False) -> None:
+          high_throughput: bool = True, haproxy: bool = False, one_app: bool = True) -> None:
     """Start (or join) Ray, start Serve with the config's proxies and deploy the app; returns when it is up.
 
     A fresh local cluster runs Serve in Ray's high-throughput mode when `high_throughput`, behind
     HAProxy when `haproxy` (see serve_env_vars); a joined cluster keeps the mode it was started in.
+    `one_app`: no other application will share the HTTP port, so its router may take the port
+    (`router_serves_http`); a caller that adds applications under other route prefixes says False.
     """
     import ray
     from ray import serve
@@ -171,7 +173,7 @@ def start(config: ServeConfig, address: str = "local", num_cpus: float | None = 
         init_args["num_cpus"] = num_cpus
     http_options = config.http_options()
     if address == "local":
-        direct = router_serves_http(config.app, high_throughput, haproxy)
+        direct = one_app and router_serves_http(config.app, high_throughput, haproxy)
         init_args["runtime_env"] = {"env_vars": serve_env_vars(high_throughput, haproxy,
                                                                config.http_port if direct else None)}
         if direct:  # Serve's proxy keeps serving gRPC; its HTTP side moves out of the router's way
