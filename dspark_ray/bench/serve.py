@@ -109,14 +109,19 @@ def check_local(url: str) -> None:
         raise ValueError(f"bench serve only sends requests to this machine (127.0.0.1), not {host!r}")
 
 
+def completion_body(model: str, prompt: str, max_tokens: int, temperature: float, ignore_eos: bool) -> dict:
+    """A streaming completion that reports usage and token ids (what the benchmarks time)."""
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
+            "return_token_ids": True}
+
+
 async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, temperature: float,
                       ignore_eos: bool, index: int = 0) -> RequestResult:
     """One streamed completion. Tokens are counted from the `token_ids` of each chunk (sent on
     `return_token_ids`, as dspark-ray and vLLM do); a server that sends none has each chunk with
     text count as one token, and its final `usage` gives the total."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
-            "return_token_ids": True}
+    body = completion_body(model, prompt, max_tokens, temperature, ignore_eos)
     result = RequestResult(ok=False, index=index)
     start = last = time.perf_counter()
     try:
@@ -391,7 +396,7 @@ def launch_and_compare(args: argparse.Namespace, prompts: list[str], levels: lis
     baseline_name, baseline = baseline_app(args.baseline, config.app)
     # Both apps stay resident (one idles while the other is measured): give Ray logical CPUs for both.
     serve_cli.start(config, "local", args.num_cpus or max(4, os.cpu_count() or 1), args.high_throughput,
-                    args.haproxy)
+                    args.haproxy, one_app=False)  # two apps, two route prefixes, one port: Serve's proxy routes
     try:
         serve.run(build_app(baseline), name=baseline_name, route_prefix=f"/{baseline_name}")
         repetitions: dict[str, list] = {baseline_name: [], "speculative": []}

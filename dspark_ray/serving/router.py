@@ -51,7 +51,7 @@ class Router:
         self._stream = model.options(stream=True)
         self.metrics = RouterMetrics(config.model_name)
         self._tenants = {t.api_key.get_secret_value(): t for t in config.tenants}
-        self._tenant_ongoing: Counter[str] = Counter()
+        self._tenant_ongoing: Counter[str | None] = Counter()  # None: requests without a tenant
         self._model_info = None
         # Admission control is ours, not Serve's max_queued_requests: Serve counts a request as queued
         # only while it picks a replica, not while a full replica's rejection is on its way back, so
@@ -95,10 +95,8 @@ class Router:
         arrival = time.perf_counter()
         timeout_s = self.config.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None  # loop clock
-        if self.num_in_flight >= self.admission_limit:
-            self.metrics.observe_error("over_capacity")
-            raise self._over_capacity()
-        self._acquire_quota(tenant)
+        self.check_admission(tenant)
+        self._tenant_ongoing[tenant.name if tenant else None] += 1
         self.num_in_flight += 1
         self.metrics.num_requests_running.labels(self.config.model_name).inc()
         stream, finished = None, False
@@ -130,7 +128,7 @@ class Router:
         finally:
             self.num_in_flight -= 1
             self.metrics.num_requests_running.labels(self.config.model_name).dec()
-            self._release_quota(tenant)
+            self._tenant_ongoing[tenant.name if tenant else None] -= 1
             if stream is not None and not finished:
                 stream.cancel()
 
@@ -159,19 +157,21 @@ class Router:
     def _retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(self.config.retry_after_s)}
 
-    def _acquire_quota(self, tenant: TenantConfig | None) -> None:
-        if tenant is None:
-            return
-        if tenant.max_ongoing_requests is not None and self._tenant_ongoing[tenant.name] >= tenant.max_ongoing_requests:
+    def check_admission(self, tenant: TenantConfig | None) -> None:
+        """Raises the over-capacity or tenant-quota rejection a generation would get now.
+
+        `generate` calls it as it admits; the HTTP path also calls it before reading and parsing a
+        body, so that a burst past the limit costs the router a header lookup per rejection.
+        """
+        if self.num_in_flight >= self.admission_limit:
+            self.metrics.observe_error("over_capacity")
+            raise self._over_capacity()
+        if tenant is not None and tenant.max_ongoing_requests is not None and \
+                self._tenant_ongoing[tenant.name] >= tenant.max_ongoing_requests:
             self.metrics.observe_error("tenant_quota_exceeded")
             raise ApiError(429, "tenant_quota_exceeded",
                            f"tenant '{tenant.name}' already has {tenant.max_ongoing_requests} requests in flight",
                            headers=self._retry_after())
-        self._tenant_ongoing[tenant.name] += 1
-
-    def _release_quota(self, tenant: TenantConfig | None) -> None:
-        if tenant is not None:
-            self._tenant_ongoing[tenant.name] -= 1
 
     async def model_info(self):
         if self._model_info is None:
@@ -238,6 +238,7 @@ def build_http_app(router: Router) -> FastAPI:
 
 async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
     tenant = router.authenticate(http_request.headers.get("authorization"))
+    router.check_admission(tenant)  # a burst past the limit is turned away before any body is read
     raw = await read_body(http_request, router.config.max_request_body_bytes)
     body = parse_body(raw, ChatCompletionBody if chat else CompletionBody)
     router.check_model(body.model)

@@ -37,13 +37,36 @@ HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRIC
 LOCAL_DRAINING_ENV_VARS = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
-def serve_env_vars(high_throughput: bool = True, haproxy: bool = False) -> dict[str, str]:
-    """Environment of a fresh local cluster's processes for the chosen Serve mode."""
+def serve_env_vars(high_throughput: bool = True, haproxy: bool = False, router_http_port: int | None = None
+                   ) -> dict[str, str]:
+    """Environment of a fresh local cluster's processes for the chosen Serve mode; with
+    `router_http_port`, the router replica serves that HTTP port itself (see `router_serves_http`)."""
     env = {**HIGH_THROUGHPUT_ENV_VARS, **LOCAL_DRAINING_ENV_VARS} if high_throughput else {}
     if haproxy:
         ports = {name: str(port if port_is_free(port) else free_port()) for name, port in HAPROXY_PORTS.items()}
         env.update(HAPROXY_ENV_VARS, **ports)
+    if router_http_port is not None:
+        env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(router_http_port),
+                   RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(router_http_port + 1),  # one port wide
+                   RAY_SERVE_PORT_QUARANTINE_S="0")  # a replacement router takes the port back at once
     return env
+
+
+def router_serves_http(app: AppConfig, high_throughput: bool, haproxy: bool) -> bool:
+    """Whether the router replica can serve the HTTP port itself, without Serve's Python proxy.
+
+    In high-throughput mode every ingress replica runs an HTTP server of its own (Serve's direct
+    ingress) on a port Serve picks from a range, for a load balancer to send requests to; Serve's
+    proxy stays as a fallback that reaches the replica through a DeploymentHandle, a hop that costs
+    several times the router's own work per request, which a burst pays in line. With a single
+    ingress replica the range can be the HTTP port alone, and clients reach the router directly.
+    Several ingress replicas need a balancer in front: HAProxy (`--haproxy`) or Serve's proxy.
+    """
+    if not high_throughput or haproxy:
+        return False
+    if app.colocate_router:
+        return app.autoscaling.is_fixed and app.autoscaling.min_replicas == 1
+    return app.router_replicas == 1
 
 
 def add_parser(subparsers) -> None:
@@ -132,11 +155,13 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def start(config: ServeConfig, address: str = "local", num_cpus: float | None = None,
-          high_throughput: bool = True, haproxy: bool = False) -> None:
+          high_throughput: bool = True, haproxy: bool = False, one_app: bool = True) -> None:
     """Start (or join) Ray, start Serve with the config's proxies and deploy the app; returns when it is up.
 
     A fresh local cluster runs Serve in Ray's high-throughput mode when `high_throughput`, behind
     HAProxy when `haproxy` (see serve_env_vars); a joined cluster keeps the mode it was started in.
+    `one_app`: no other application will share the HTTP port, so its router may take the port
+    (`router_serves_http`); a caller that adds applications under other route prefixes says False.
     """
     import ray
     from ray import serve
@@ -146,10 +171,15 @@ def start(config: ServeConfig, address: str = "local", num_cpus: float | None = 
     init_args = {"address": address, "include_dashboard": False}
     if address == "local" and num_cpus is not None:
         init_args["num_cpus"] = num_cpus
+    http_options = config.http_options()
     if address == "local":
-        init_args["runtime_env"] = {"env_vars": serve_env_vars(high_throughput, haproxy)}
+        direct = one_app and router_serves_http(config.app, high_throughput, haproxy)
+        init_args["runtime_env"] = {"env_vars": serve_env_vars(high_throughput, haproxy,
+                                                               config.http_port if direct else None)}
+        if direct:  # Serve's proxy keeps serving gRPC; its HTTP side moves out of the router's way
+            http_options = {**http_options, "port": free_port()}
     ray.init(**init_args)
-    serve.start(http_options=config.http_options(), grpc_options=config.grpc_options())
+    serve.start(http_options=http_options, grpc_options=config.grpc_options())
     serve.run(build_app(config.app), name=config.app_name, route_prefix=config.route_prefix)
 
 

@@ -91,7 +91,7 @@ def test_a_burst_past_capacity_is_answered_with_429s_never_a_5xx(tiny_app) -> No
     from dspark_ray.bench.burst import burst, report
 
     assert tiny_app.wait_until_idle() == 0
-    summary = report(asyncio.run(burst(tiny_app.base_url, "tiny", 60, 32, api_key=ALICE_KEY)))
+    summary = report(*asyncio.run(burst(tiny_app.base_url, "tiny", 60, 32, api_key=ALICE_KEY)))
     assert set(summary["statuses"]) <= {"200", "429"}, summary
     assert summary["num_admitted"] >= 1 and summary["num_rejected"] >= 1
     assert summary["num_admitted"] + summary["num_rejected"] == 60

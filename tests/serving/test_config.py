@@ -14,7 +14,8 @@ from dspark_ray.cli import build_parser
 from dspark_ray.serving.app import (SAME_LOOP_ENV_VARS, build_app, colocated_options, model_server_options,
                                     router_options)
 from dspark_ray.serving.config import GRPC_SERVICER_FUNCTION, IMPORT_PATH, AppConfig, ServeConfig
-from dspark_ray.serving.serve_cli import HIGH_THROUGHPUT_ENV_VARS, serve_config_from_args
+from dspark_ray.serving.serve_cli import (HIGH_THROUGHPUT_ENV_VARS, router_serves_http, serve_config_from_args,
+                                          serve_env_vars)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -178,6 +179,24 @@ def test_high_throughput_flag() -> None:
     assert _serve_args().haproxy is False and _serve_args("--haproxy").haproxy is True
     bench = build_parser().parse_args(["bench", "serve", "--launch", "--no-high-throughput"])
     assert bench.high_throughput is False
+
+
+def test_a_single_router_replica_serves_the_http_port_itself() -> None:
+    """Serve's direct ingress, one port wide: no hop through Serve's proxy on a fresh local cluster."""
+    one, two = AppConfig(), AppConfig(router_replicas=2)
+    assert router_serves_http(one, high_throughput=True, haproxy=False)
+    assert not router_serves_http(two, high_throughput=True, haproxy=False)  # needs a balancer
+    assert not router_serves_http(one, high_throughput=False, haproxy=False)  # no direct ingress
+    assert not router_serves_http(one, high_throughput=True, haproxy=True)  # HAProxy takes the port
+    colocated = {"colocate_router": True}
+    assert router_serves_http(AppConfig(**colocated), high_throughput=True, haproxy=False)
+    scaled = AppConfig(**colocated, autoscaling={"min_replicas": 1, "max_replicas": 2})
+    assert not router_serves_http(scaled, high_throughput=True, haproxy=False)
+    env = serve_env_vars(router_http_port=8123)
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+        ("8123", "8124")  # Serve allocates from range(min, max)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in serve_env_vars()
 
 
 def test_serve_config_file_with_port_override() -> None:

@@ -156,6 +156,17 @@ def test_admission_limit_is_over_capacity() -> None:
     assert not model.streams  # never reached the model server
 
 
+def test_over_capacity_is_answered_before_the_body_is_read() -> None:
+    """A burst past the limit costs no body parsing: even an unparseable body gets the 429."""
+    client, model, router = client_for([token(0, "length")], max_ongoing_requests=1, max_queued_requests=1)
+    router.num_in_flight = router.admission_limit
+    response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 429 and response.headers["retry-after"] == "3"
+    assert response.json()["error"]["code"] == "over_capacity" and not model.streams
+    router.num_in_flight = 0
+    assert client.post("/v1/completions", content=b"{not json").status_code == 400
+
+
 def test_rejected_prompt_keeps_its_status() -> None:
     client, _, _ = client_for([RequestRejected(400, "context_length_exceeded", "too long", "prompt")])
     response = post(client)

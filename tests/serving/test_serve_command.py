@@ -3,11 +3,13 @@
 The command starts Serve in Ray's high-throughput mode; with `--haproxy` HAProxy takes the port
 instead of Serve's Python proxy. The test asks for HAProxy, looks for its process while serving
 and for its absence after shutdown. It starts the command with SIGINT ignored, as a script's
-background job inherits it: Ctrl-C must stop the server all the same.
+background job inherits it: Ctrl-C must stop the server all the same. Without `--haproxy`, the
+router replica's own HTTP server takes the port: the test looks for it there and sends a burst.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -123,3 +125,73 @@ def test_a_failed_start_exits_with_one_error_and_starts_no_second_cluster() -> N
     assert "init calls: 1; initialized: False; status: 1" in run.stdout, run.stdout + run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("dspark-ray serve: error:")]
     assert errors == ["dspark-ray serve: error: Ray did not start in time"], run.stderr
+
+
+TINY_LIMITS = """
+applications:
+  - name: dspark
+    route_prefix: /
+    import_path: dspark_ray.serving.app:build_app
+    args: {max_ongoing_requests: 1, max_queued_requests: 1, retry_after_s: 2}
+"""
+
+
+def listener_command(port: int) -> str:
+    """The command line of the process listening on 127.0.0.1:`port`."""
+    import psutil
+
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
+            return " ".join(psutil.Process(connection.pid).cmdline())
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def assert_a_client_timeout_frees_the_request(base_url: str) -> None:
+    """A unary request whose client gives up is cancelled: the router's running gauge drops to 0."""
+    import httpx
+
+    context = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["max_model_len"]
+    body = {"model": "dspark-reference", "prompt": "def f(", "max_tokens": context - 64, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        page = httpx.get(f"{base_url}/metrics", timeout=10).text
+        running = [line for line in page.splitlines() if line.startswith("dspark_num_requests_running{")]
+        if running and float(running[0].rsplit(" ", 1)[1]) == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the timed-out request still runs: {running}")
+
+
+def test_the_router_replica_serves_the_port_and_answers_a_burst(tmp_path) -> None:
+    """Issue 22, finding 8: without Serve's proxy in the way (the router replica's own HTTP server
+    takes the port), a burst past the admission limit gets 200s and 429s with Retry-After and an
+    OpenAI body, nothing else (how fast: `dspark-ray bench burst`, a benchmark, not a timed test); a
+    client that gives up on a unary request still cancels it."""
+    from dspark_ray.bench.burst import burst, report
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(TINY_LIMITS)
+    port = free_port()
+    command = [sys.executable, "-m", "dspark_ray.cli", "serve", "--config", str(config), "--port", str(port),
+               "--grpc-port", "0", "--num-cpus", "4"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        output = Output(process)
+        output.wait_for("dspark-ray: serving", START_TIMEOUT_S)
+        assert "ServeReplica:dspark:Router" in listener_command(port)
+        summary = report(*asyncio.run(burst(f"http://127.0.0.1:{port}/v1", "dspark-reference", 40, 8)))
+        assert set(summary["statuses"]) <= {"200", "429"}, summary
+        assert summary["num_admitted"] >= 1 and summary["num_rejected"] >= 1, summary
+        assert summary["rejected_without_retry_after"] == 0 and summary["rejected_without_openai_body"] == 0
+        assert not summary["other_errors"], summary
+        assert_a_client_timeout_frees_the_request(f"http://127.0.0.1:{port}")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, output.tail()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
