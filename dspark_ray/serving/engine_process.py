@@ -24,7 +24,6 @@ restart only loads the models.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -176,16 +175,14 @@ def main(commands_fd: int, events_fd: int) -> int:
     import torch  # before the config comes: a spare child is ready to build its engine at once
 
     import dspark_ray.engine.factory  # noqa: F401
+    from dspark_ray.engine.threads import configure_threads
 
     try:
         engine_config, num_threads, cpus = commands.recv()
     except EOFError:  # a spare that was not needed
         return 0
     try:
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
-        torch.set_num_threads(num_threads)
+        configure_threads(num_threads, cpus)
         engine, decode = build_local_engine(engine_config)
     except Exception:
         events.send(("failed", traceback.format_exc()))
