@@ -3,10 +3,11 @@ what priority. The one place the rule lives (docs/threads.md has the figures beh
 
 1. CPUs: the process's affinity mask (what the OS, a container, taskset or Ray left it), or the
    CPU ids it is given to pin itself to (`cpus`: dedicated cores, e.g. `engine_cpus`).
-2. Threads: an explicit number is honoured (capped at the CPUs); otherwise one thread per CPU of
-   those that other processes left idle during a short look at `/proc/stat`, at least one. An
-   intra-op pool waits at every op for its slowest thread, so a thread on a core another process
-   keeps busy stalls all the others: on a shared machine one thread beats two.
+2. Threads: one per CPU of those that other processes left idle during a short look at
+   `/proc/stat`, at least one. An intra-op pool waits at every op for its slowest thread, so a
+   thread on a core another process keeps busy stalls all the others: on a shared machine one
+   thread beats two by far. An explicit number is honoured (capped at the CPUs), with a warning
+   when it exceeds the idle CPUs.
 3. Pinning: only onto CPUs given explicitly. The pool is not pinned onto the whole mask: on a
    shared machine a pinned thread cannot leave a core that another process has taken.
 4. Priority: a process that inherited a positive niceness (Ray starts its workers at nice 15, and
@@ -37,7 +38,7 @@ BUSY_FRACTION = 0.5  # a CPU that others kept at least this busy gets no thread 
 class ThreadPlan:
     num_threads: int  # intra-op threads set with torch.set_num_threads
     cpus: tuple[int, ...]  # the CPUs the process may run on (its affinity mask, after pinning)
-    busy_cpus: tuple[int, ...]  # CPUs of the mask that others kept busy (sized automatically only)
+    busy_cpus: tuple[int, ...]  # CPUs of the mask that others kept busy when the pool was sized
     pinned: bool  # the process was pinned onto `cpus`
     niceness: int  # the process's niceness afterwards
 
@@ -49,12 +50,12 @@ def configure_threads(requested: int | None = None, cpus: Sequence[int] | None =
     if pinned:
         os.sched_setaffinity(0, cpus)
     allowed = tuple(sorted(os.sched_getaffinity(0)))
-    busy: tuple[int, ...] = ()
-    if requested:
-        num_threads = min(requested, len(allowed))
-    else:
-        busy = busy_cpus(allowed)
-        num_threads = max(1, len(allowed) - len(busy))
+    busy = busy_cpus(allowed)
+    idle = max(1, len(allowed) - len(busy))
+    num_threads = min(requested, len(allowed)) if requested else idle
+    if num_threads > idle:
+        logger.warning("%d torch threads with %d of %d CPUs busy: each op waits for a thread that shares a "
+                       "busy core (fewer threads are faster here)", num_threads, len(busy), len(allowed))
     torch.set_num_threads(num_threads)
     plan = ThreadPlan(num_threads, allowed, busy, pinned, reset_niceness())
     logger.info("torch threads: %s", plan)
