@@ -8,15 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_TARGET_DIR, EngineConfig
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
+from dspark_ray.engine.threads import configure_threads
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str = "torch's choice") -> None:
+def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str = "one per CPU other processes leave idle") -> None:
     """Flags shared by every command that builds an engine."""
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target model directory (HF format)")
     parser.add_argument("--draft", type=Path, default=None,
@@ -102,8 +101,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     try:
         prompts = read_prompts(args)
         config = engine_config_from_args(args, max_batch_size=max(1, len(prompts)))

@@ -42,6 +42,7 @@ from dspark_ray.config import (DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_DS
 from dspark_ray.dspark.io import load_dspark
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest
+from dspark_ray.engine.threads import configure_threads
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
 
 DEFAULT_PROMPTS = REFERENCE_DIR / "prompts" / "heldout.jsonl"
@@ -244,8 +245,7 @@ def run_row(row: Row, prompts: list[list[int]], target_meter: ForwardMeter,
 
 
 def benchmark(args: argparse.Namespace, pair: Pair) -> list[RowStats]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     models = load_models(engine_config_from_args(args, drafter="model", draft=pair.draft_lm) if pair.draft_lm
                          else engine_config_from_args(args, drafter="none"))
     prompts = load_prompt_ids(args.prompts, models, args.num_prompts)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -45,7 +46,13 @@ class VerificationResult:
 
     def tokens(self, row: int) -> list[int]:
         """The emitted (non-placeholder) token ids of one row."""
-        return self.output_token_ids[row, : int(self.num_accepted[row]) + 1].tolist()
+        return self.token_lists[row]
+
+    @cached_property
+    def token_lists(self) -> list[list[int]]:
+        """Every row's emitted token ids, read from the tensors once (two host copies per step,
+        not two per row)."""
+        return [ids[: accepted + 1] for ids, accepted in zip(self.output_token_ids.tolist(), self.num_accepted.tolist())]
 
     @classmethod
     def make_dummy(
@@ -111,10 +118,10 @@ def verify(
     batch_size, max_draft = draft_token_ids.shape
     device = target_logits.device
     greedy = sampling.is_greedy.to(device)  # [B]
+    if bool(greedy.all()):
+        return verify_greedy(draft_token_ids, num_draft_tokens, target_logits)
     in_draft = torch.arange(max_draft, device=device)[None, :] < num_draft_tokens[:, None]  # [B, K]
     draft_ids = torch.where(in_draft, draft_token_ids, 0)  # [B, K], padding made a valid index
-    if bool(greedy.all()):
-        return _verify_all_greedy(draft_ids, in_draft, target_logits)
     target_probs = logits_to_probs(target_logits, sampling)  # [B, K+1, V]; greedy rows one-hot
 
     # 1. Accept or reject every draft token: uniform < min(1, target/draft) (Leviathan Alg. 1).
@@ -143,18 +150,30 @@ def verify(
     return _assemble(draft_ids, num_accepted, emitted)
 
 
-def _verify_all_greedy(
-    draft_ids: Tensor,  # [B, K] int64, padding already a valid index
-    in_draft: Tensor,  # [B, K] bool
-    target_logits: Tensor,  # [B, K+1, V]
+def verify_greedy(
+    draft_token_ids: Tensor,  # [B, K] int64, any value past num_draft_tokens
+    num_draft_tokens: Tensor,  # [B] int64 in 0..K
+    target_logits: Tensor,  # [B, K+1, V] raw
 ) -> VerificationResult:
-    """The same rule with every distribution one-hot, without building [B, K+1, V] one-hots:
-    accept while the draft equals the target argmax; emit the target argmax after the prefix."""
-    target_ids = target_logits.argmax(dim=-1)  # [B, K+1]; ties -> lowest index, as logits_to_probs
-    matches = in_draft & (draft_ids == target_ids[:, :-1])  # [B, K]
-    num_accepted = matches.long().cumprod(dim=1).sum(dim=1)  # [B]
-    emitted = target_ids.gather(1, num_accepted[:, None])[:, 0]  # [B]
-    return _assemble(draft_ids, num_accepted, emitted)
+    """`verify` for a batch whose rows are all greedy: every distribution is one-hot, so accept
+    while the draft equals the target argmax and emit the target argmax after the prefix (ties:
+    lowest index, as `logits_to_probs`). No probabilities are built and the rule runs on host
+    lists: one argmax and three host copies a step, whatever B and K (a decode step is latency-bound
+    and each small tensor op costs microseconds of dispatch). Inputs are trusted (`verify` checks)."""
+    batch_size, width = target_logits.shape[0], target_logits.shape[1]
+    target_ids = target_logits.argmax(dim=-1).tolist()  # [B][K+1]
+    outputs, num_accepted = [], []
+    for drafts, count, targets in zip(draft_token_ids.tolist(), num_draft_tokens.tolist(), target_ids):
+        accepted = 0
+        while accepted < count and drafts[accepted] == targets[accepted]:
+            accepted += 1
+        outputs.append(drafts[:accepted] + [targets[accepted]] + [PLACEHOLDER_TOKEN_ID] * (width - 1 - accepted))
+        num_accepted.append(accepted)
+    device = target_logits.device
+    return VerificationResult(
+        output_token_ids=torch.tensor(outputs, dtype=torch.int64, device=device).reshape(batch_size, width),
+        num_accepted=torch.tensor(num_accepted, dtype=torch.int64, device=device),
+    )
 
 
 def _assemble(

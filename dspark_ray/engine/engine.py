@@ -280,11 +280,11 @@ class SpeculativeEngine:
     def commit(self, seqs: list[Sequence], proposal: DraftProposal, output: VerifyOutput) -> None:
         """Append what the verifier kept (stop rules apply), then bring target and drafter in line."""
         result = output.result
+        num_drafted, num_accepted = proposal.num_draft_tokens.tolist(), result.num_accepted.tolist()
         for row, seq in enumerate(seqs):
-            seq.stats.record(int(proposal.num_draft_tokens[row]), int(result.num_accepted[row]))
+            seq.stats.record(num_drafted[row], num_accepted[row])
             self.stop_rules.append(seq, result.tokens(row))
         self.verifier.sync(seqs)
-        num_drafted, num_accepted = proposal.num_draft_tokens.tolist(), result.num_accepted.tolist()
         if self.undrafted:
             rows = [row for row, seq in enumerate(seqs) if seq.seq_id not in self.undrafted]
             seqs, num_drafted, num_accepted = ([seqs[row] for row in rows], [num_drafted[row] for row in rows],

@@ -53,24 +53,31 @@ class BatchKVCache:
                 max_position: int) -> ForwardInputs:
         """Inputs that append `token_lists[b]` to row b; call `commit` after the forward."""
         assert len(token_lists) == self.num_rows
-        lengths = torch.tensor([len(tokens) for tokens in token_lists])  # [B]
-        num_query = max(1, int(lengths.max()))
-        input_ids = torch.full((self.num_rows, num_query), pad_token_id, dtype=torch.long)
-        for row, tokens in enumerate(token_lists):
-            input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        query_valid = torch.arange(num_query)[None, :] < lengths[:, None]  # [B, T]
-        start = torch.tensor([len(tokens) for tokens in self.cached_tokens])  # [B]
-        position_ids = (start[:, None] + torch.arange(num_query)[None, :]).clamp(max=max_position - 1)
+        lengths = [len(tokens) for tokens in token_lists]  # [B]
+        num_query = max(1, max(lengths, default=0))
+        # built from host lists in one copy each: a decode step's inputs are tiny, and every small
+        # tensor op costs more dispatch than arithmetic
+        input_ids = torch.tensor([tokens + [pad_token_id] * (num_query - len(tokens)) for tokens in token_lists],
+                                 dtype=torch.long).reshape(self.num_rows, num_query)
+        query_valid = torch.tensor([[True] * length + [False] * (num_query - length) for length in lengths],
+                                   dtype=torch.bool).reshape(self.num_rows, num_query)  # [B, T]
+        position_ids = torch.tensor([[min(len(cached) + offset, max_position - 1) for offset in range(num_query)]
+                                     for cached in self.cached_tokens],
+                                    dtype=torch.long).reshape(self.num_rows, num_query)  # [B, T]
         return ForwardInputs(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=self._attention_mask(query_valid, dtype),
+            attention_mask=self._attention_mask(query_valid, dtype, one_each=lengths == [1] * self.num_rows),
             query_valid=query_valid,
-            num_query_tokens=lengths.tolist(),
+            num_query_tokens=lengths,
         )
 
-    def _attention_mask(self, query_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _attention_mask(self, query_valid: torch.Tensor, dtype: torch.dtype, one_each: bool = False) -> torch.Tensor:
+        """`one_each`: every row gets exactly one new token (a decode step); with no holes in the
+        cache its one query sees every slot, so the mask is all zeros, built in one op."""
         num_query, old_slots = query_valid.shape[1], self.num_slots
+        if one_each and bool(self.slot_valid.all()):
+            return torch.zeros(self.num_rows, 1, 1, old_slots + 1, dtype=dtype)
         kv_valid = torch.cat([self.slot_valid, query_valid], dim=1)  # [B, S + T]
         kv_index = torch.arange(old_slots + num_query)
         query_slot = old_slots + torch.arange(num_query)  # [T]
@@ -79,9 +86,8 @@ class BatchKVCache:
         # Every query sees at least itself, so padded queries never produce NaNs that would
         # leak into the cache (0 * NaN is NaN even behind a mask).
         allowed |= (kv_index[None, :] == query_slot[:, None])[None]
-        mask = torch.zeros(allowed.shape, dtype=dtype)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]  # [B, 1, T, S + T]
+        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
+        return torch.where(allowed, torch.zeros((), dtype=dtype), blocked)[:, None]  # [B, 1, T, S + T]
 
     def commit(self, token_lists: list[list[int]], inputs: ForwardInputs) -> None:
         """Record the slots the forward appended to the HF cache."""

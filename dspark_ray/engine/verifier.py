@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from dspark_ray.core.sampling import SamplingTensors
-from dspark_ray.core.verification import VerificationResult, verify
+from dspark_ray.core.verification import VerificationResult, verify, verify_greedy
 from dspark_ray.engine.drafters.base import DraftProposal, TargetFeatures
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.sequence import Sequence
@@ -87,8 +87,10 @@ class TargetVerifier:
         one prompt cost about a whole verification step of 16 sequences."""
         scores = self.score(seqs, proposal, admitted)
         result = _verify(seqs, proposal, scores.target_logits)
-        kept = [fed + int(n) for fed, n in zip(scores.num_fed_committed, result.num_accepted)]
         added = self._first_tokens(admitted, scores.prompt_logits, first_row=len(seqs)) if admitted else None
+        if self.runner.last_features is None:
+            return VerifyOutput(result), added
+        kept = [fed + accepted for fed, accepted in zip(scores.num_fed_committed, result.num_accepted.tolist())]
         return VerifyOutput(result, self._features(seqs, kept)), added
 
     # The forward halves of add and verify: tensor-parallel ranks other than 0 run only these,
@@ -106,11 +108,8 @@ class TargetVerifier:
         feed = {seq.seq_id: suffix + proposal.drafts(row) for row, (seq, suffix) in enumerate(zip(seqs, suffixes))}
         feed.update({seq.seq_id: seq.request.prompt_token_ids for seq in admitted})
         logits = self.runner.forward(feed)  # [B + N, T, V] in the order of seqs, then admitted
-        rows = torch.arange(len(seqs))  # [B]
-        first = torch.tensor([len(suffix) - 1 for suffix in suffixes], dtype=torch.long)  # [B]: after the last committed token
-        positions = first[:, None] + torch.arange(proposal.draft_token_ids.shape[1] + 1)[None, :]  # [B, K+1]
-        target_logits = logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
-        return DraftScores(target_logits, [len(suffix) for suffix in suffixes],
+        return DraftScores(_draft_logits(logits[:len(seqs)], suffixes, proposal.draft_token_ids.shape[1]),
+                           [len(suffix) for suffix in suffixes],
                            _after_prompts(logits[len(seqs):], admitted) if admitted else None)
 
     def _first_tokens(self, seqs: list[Sequence], logits: torch.Tensor, first_row: int) -> VerifyOutput:
@@ -134,6 +133,18 @@ class TargetVerifier:
         self.runner.remove(seq_ids)
 
 
+def _draft_logits(logits: torch.Tensor, suffixes: list[list[int]], max_draft: int) -> torch.Tensor:
+    """`[B, T, V]` logits of rows fed `suffixes[b]` then their drafts -> `[B, K+1, V]` from each
+    row's last committed token on. In the steady state every row was fed one committed token and
+    T = K + 1, so that is `logits` itself, with no gather."""
+    if logits.shape[1] == max_draft + 1 and all(len(suffix) == 1 for suffix in suffixes):
+        return logits
+    rows = torch.arange(len(suffixes))  # [B]
+    first = torch.tensor([len(suffix) - 1 for suffix in suffixes], dtype=torch.long)  # [B]: after the last committed token
+    positions = first[:, None] + torch.arange(max_draft + 1)[None, :]  # [B, K+1]
+    return logits[rows[:, None], positions.clamp(max=logits.shape[1] - 1)]  # [B, K+1, V]
+
+
 def _after_prompts(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """`[N, T, V]` logits of prompt rows -> `[N, V]` after each prompt's last token."""
     ends = torch.tensor([len(seq.request.prompt_token_ids) - 1 for seq in seqs], dtype=torch.long)
@@ -142,6 +153,8 @@ def _after_prompts(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def _verify(seqs: list[Sequence], proposal: DraftProposal, target_logits: torch.Tensor) -> VerificationResult:
     device = target_logits.device  # drafts are built on the CPU; the rule runs where the logits are
+    if all(seq.request.sampling.is_greedy for seq in seqs):  # no sampling tensors, no probabilities
+        return verify_greedy(proposal.draft_token_ids, proposal.num_draft_tokens, target_logits)
     draft_probs = None if proposal.draft_probs is None else proposal.draft_probs.to(device)
     if draft_probs is None and proposal.draft_token_ids.shape[1] == 0:
         draft_probs = target_logits.new_zeros(len(seqs), 0, target_logits.shape[-1])  # [B, 0, V]

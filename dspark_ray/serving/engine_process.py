@@ -15,8 +15,9 @@ spawn, which would re-import the Ray worker's main module) and talks over two pi
   `("deltas", [(ticket, delta), ...])`, one message for all of a loop iteration's deltas (a step
   of 16 sequences: one pickle and one wake-up of the replica's reader, not 16), and
   `("active", number of sequences)` when that number changes.
-It pins itself to the CPU ids when given, builds the engine from the config, runs `EngineLoop` on
-its main thread, and exits when the replica closes its end or dies. When the child dies, its
+It pins itself to the CPU ids when given and asks for niceness 0 (`engine.threads`: Ray's
+workers run at nice 15, which it would inherit), builds the engine from the config, runs
+`EngineLoop` on its main thread, and exits when the replica closes its end or dies. When the child dies, its
 reader thread calls `ModelServer.recover`, which starts a new child (`restart`) and replays. The
 next child is started ahead (a spare): it imports its libraries, then waits for its config, so a
 restart only loads the models.
@@ -24,7 +25,6 @@ restart only loads the models.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -176,16 +176,14 @@ def main(commands_fd: int, events_fd: int) -> int:
     import torch  # before the config comes: a spare child is ready to build its engine at once
 
     import dspark_ray.engine.factory  # noqa: F401
+    from dspark_ray.engine.threads import configure_threads
 
     try:
         engine_config, num_threads, cpus = commands.recv()
     except EOFError:  # a spare that was not needed
         return 0
     try:
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-
-        torch.set_num_threads(num_threads)
+        configure_threads(num_threads, cpus)
         engine, decode = build_local_engine(engine_config)
     except Exception:
         events.send(("failed", traceback.format_exc()))

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from dspark_ray.config import EngineConfig
 from dspark_ray.engine.engine import SpeculativeEngine
 from dspark_ray.engine.loading import load_tokenizer
+from dspark_ray.engine.threads import configure_threads
 from dspark_ray.serving.config import AppConfig, WorkersConfig
 from dspark_ray.serving.engine_process import EngineProcess, build_local_engine
 from dspark_ray.serving.model_server import EngineRunner, LoopThread, ModelServer
@@ -40,7 +40,7 @@ class ModelInfo:
 
 class ServedModel:
     def __init__(self, config: AppConfig) -> None:
-        torch.set_num_threads(config.torch_num_threads)
+        configure_threads(config.torch_num_threads)
         self.config = config
         self.tokenizer = load_tokenizer(config.engine.target)
         self.chat_template = self.tokenizer.chat_template or config.chat_template

@@ -19,7 +19,6 @@ import time
 
 import grpc
 import ray
-import torch
 from torch import nn
 from transformers import AutoConfig
 
@@ -32,6 +31,7 @@ from dspark_ray.engine.drafters.dspark import DSparkDrafter
 from dspark_ray.engine.drafters.ngram import NgramDrafter
 from dspark_ray.engine.factory import schedule_verification
 from dspark_ray.engine.loading import load_causal_lm, load_tokenizer
+from dspark_ray.engine.threads import configure_threads
 from dspark_ray.serving.distributed import codec, convert
 from dspark_ray.serving.distributed.mirror import SequenceMirror
 from dspark_ray.serving.distributed.server import CommandRunner, start_server
@@ -66,7 +66,7 @@ class DraftWorker:
     def __init__(self, engine_config: EngineConfig, draft_probs_max_support: int, num_threads: int = 1,
                  look_ahead: bool = False, *, secret: str) -> None:
         """`secret`: the deployment's worker credential, which every RPC must carry."""
-        torch.set_num_threads(num_threads)
+        configure_threads(num_threads)
         self.drafter = build_worker_drafter(engine_config, draft_probs_max_support)
         # Within-request pipelining: draft past each proposal while the target verifies it.
         self.look_ahead = look_ahead and hasattr(self.drafter, "look_ahead")

@@ -27,6 +27,7 @@ from dspark_ray.engine.drafters.base import DraftProposal
 from dspark_ray.engine.factory import feature_layer_ids
 from dspark_ray.engine.loading import load_tokenizer, vocab_size
 from dspark_ray.engine.runner import CausalLMRunner
+from dspark_ray.engine.threads import configure_threads
 from dspark_ray.engine.verifier import TargetVerifier
 from dspark_ray.serving.distributed import convert
 from dspark_ray.serving.distributed.mirror import SequenceMirror, SequenceStateError
@@ -47,7 +48,7 @@ class TargetWorker:
     def __init__(self, engine_config: EngineConfig, rank: int, world_size: int, num_threads: int = 1, *,
                  secret: str) -> None:
         """`secret`: the deployment's worker credential, which every RPC to rank 0 must carry."""
-        torch.set_num_threads(num_threads)
+        configure_threads(num_threads)
         self.engine_config = engine_config
         self.rank = rank
         self.world_size = world_size
