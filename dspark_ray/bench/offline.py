@@ -305,28 +305,30 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
+def _cell(value: float | None, width: int, spec: str, suffix: str = "") -> str:
+    return f"{'-' if value is None else f'{value:{spec}}{suffix}':>{width}}"
 
 
 def format_table(results: list[RowStats]) -> str:
     base = Baselines.of(results)
-    header = (f"{'row':<28} {'tok/s':>8} {'vs HF greedy':>12} {'vs HF asst':>10} {'vs HF best':>10} "
-              f"{'acc len':>7} {'verify ms':>9} {'draft ms':>8} {'other s':>7} {'bound':>6} {'effic.':>6} "
-              f"{'identical':>9}")
+    columns = [("tok/s", "tokens_per_s", 8, ".1f", ""), ("vs HF greedy", "speedup_vs_hf_greedy", 12, ".2f", "x"),
+               ("vs HF asst", "vs_hf_assisted_defaults", 10, ".2f", "x"),
+               ("vs HF best", "vs_hf_assisted_best_fixed", 10, ".2f", "x"),
+               ("acc len", "mean_acceptance_length", 7, ".2f", ""), ("verify ms", "verify_ms", 9, ".2f", ""),
+               ("draft ms", "draft_ms_per_step", 8, ".2f", ""), ("other s", "other_s", 7, ".2f", ""),
+               ("bound", "efficiency_bound", 6, ".2f", "x"), ("effic.", "efficiency", 6, ".0%", "")]
+    header = f"{'row':<28} " + " ".join(f"{title:>{width}}" for title, _, width, _, _ in columns) + f" {'identical':>9}"
     lines = [header, "-" * len(header)]
     for r in results:
-        f = row_figures(r, base)
-        lines.append(
-            f"{r.name:<28} {f['tokens_per_s']:>8.1f} {_fmt(f['speedup_vs_hf_greedy'], '>11.2f', 'x')} "
-            f"{_fmt(f['vs_hf_assisted_defaults'], '>9.2f', 'x')} {_fmt(f['vs_hf_assisted_best_fixed'], '>9.2f', 'x')} "
-            f"{_fmt(f['mean_acceptance_length'], '>7.2f')} {_fmt(f['verify_ms'], '>9.2f')} "
-            f"{_fmt(f['draft_ms_per_step'], '>8.2f')} {f['other_s']:>7.2f} {_fmt(f['efficiency_bound'], '>5.2f', 'x')} "
-            f"{_fmt(f['efficiency'], '>6.0%')} {str(r.identical_to_hf_greedy):>9}")
+        figures = row_figures(r, base)
+        cells = " ".join(_cell(figures[key], width, spec, suffix) for _, key, width, spec, suffix in columns)
+        lines.append(f"{r.name:<28} {cells} {str(r.identical_to_hf_greedy):>9}")
     if base.best_fixed is not None:
+        swept = ", ".join(r.name[len(HF_FIXED_PREFIX):] for r in results if r.name.startswith(HF_FIXED_PREFIX))
         lines.append(f"HF assisted best fixed num_assistant_tokens: {base.best_fixed.name[len(HF_FIXED_PREFIX):]} "
-                     f"(of {', '.join(r.name[len(HF_FIXED_PREFIX):] for r in results if r.name.startswith(HF_FIXED_PREFIX))})")
-    lines.append(f"t_target_decode (HF greedy one-token forward): {_fmt(_ms(base.target_decode_s), '.2f', ' ms')}")
+                     f"(of {swept})")
+    decode_ms = _ms(base.target_decode_s)
+    lines.append(f"t_target_decode (HF greedy one-token forward): {'-' if decode_ms is None else f'{decode_ms:.2f}'} ms")
     return "\n".join(lines)
 
 
