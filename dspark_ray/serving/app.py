@@ -53,9 +53,12 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
 
 
 def model_server_options(config: AppConfig) -> dict[str, Any]:
+    # No queue limit on the router's handle: the router admits at most its admission limit (which
+    # counts max_queued_requests), and Serve's own count, enforced per handle and best effort,
+    # turned admitted requests of a burst away when they all arrived at once.
     options: dict[str, Any] = {
         "max_ongoing_requests": config.max_ongoing_requests,
-        "max_queued_requests": config.max_queued_requests,
+        "max_queued_requests": -1,
         "ray_actor_options": {"num_cpus": config.model_server_num_cpus, "num_gpus": config.model_server_num_gpus,
                               "runtime_env": {"env_vars": SAME_LOOP_ENV_VARS}},
     }

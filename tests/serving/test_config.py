@@ -102,6 +102,8 @@ def test_deployment_options() -> None:
     assert model_server_options(local)["num_replicas"] == 1
     assert "placement_group_bundles" not in model_server_options(local)
     assert router_options(local)["max_ongoing_requests"] >= 8 + 4
+    assert local.router_admission_limit == 8 + 4  # the router admits; Serve's handle queue never refuses
+    assert model_server_options(local)["max_queued_requests"] == -1
     scaled = AppConfig(autoscaling={"min_replicas": 1, "max_replicas": 3})
     assert model_server_options(scaled)["autoscaling_config"]["max_replicas"] == 3
     distributed = AppConfig(workers={"mode": "distributed", "placement": {"tp": 2}}, model_server_num_gpus=1)
