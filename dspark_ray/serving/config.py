@@ -136,6 +136,12 @@ class AppConfig(FrozenModel):
             "RESOURCE_EXHAUSTED."
         ),
     )
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description=(
+            "Seconds a router waits for a whole HTTP request body; a client that sends it slower is "
+            "answered 408, so a slow sender holds a connection for this long at most."
+        ),
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Model-server replicas.")
     colocate_router: bool = Field(
         False, description=(

@@ -166,6 +166,10 @@ def request_too_large(limit: int) -> ApiError:
     return ApiError(413, "request_too_large", f"the request body is larger than {limit} bytes")
 
 
+def request_body_too_slow(timeout_s: float) -> ApiError:
+    return ApiError(408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s")
+
+
 def load_json(raw: bytes) -> Any:
     """Strict JSON (RFC 8259: no NaN or Infinity) as Python objects; any failure is a 400."""
     try:

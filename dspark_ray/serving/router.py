@@ -29,7 +29,8 @@ from dspark_ray.serving.config import AppConfig, TenantConfig
 from dspark_ray.serving.metrics import RouterMetrics
 from dspark_ray.serving.openai_api import (SSE_DONE, ApiError, ChatCompletionBody, Completion, CompletionBody,
                                            InferenceRequest, RequestRejected, chat_request, chunk,
-                                           completion_request, completion_response, parse_body, request_too_large,
+                                           completion_request, completion_response, parse_body, request_body_too_slow,
+                                           request_too_large,
                                            sse, usage_chunk)
 from dspark_ray.serving.protocol import CompletionDelta
 
@@ -239,7 +240,7 @@ def build_http_app(router: Router) -> FastAPI:
 async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
     tenant = router.authenticate(http_request.headers.get("authorization"))
     router.check_admission(tenant)  # a burst past the limit is turned away before any body is read
-    raw = await read_body(http_request, router.config.max_request_body_bytes)
+    raw = await read_body(http_request, router.config.max_request_body_bytes, router.config.request_body_timeout_s)
     body = parse_body(raw, ChatCompletionBody if chat else CompletionBody)
     router.check_model(body.model)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -262,17 +263,22 @@ async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 as soon as it is known to pass `limit` bytes: from Content-Length, then as read."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body; a 413 as soon as it is known to pass `limit` bytes (from Content-Length, then as
+    read), a 408 when it has not all arrived within `timeout_s` seconds."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise request_too_large(limit)
     chunks, size = [], 0
-    async for piece in request.stream():
-        size += len(piece)
-        if size > limit:
-            raise request_too_large(limit)
-        chunks.append(piece)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for piece in request.stream():
+                size += len(piece)
+                if size > limit:
+                    raise request_too_large(limit)
+                chunks.append(piece)
+    except TimeoutError:
+        raise request_body_too_slow(timeout_s) from None
     return b"".join(chunks)
 
 

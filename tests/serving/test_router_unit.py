@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
+import time
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from dspark_ray.serving.config import AppConfig
@@ -207,6 +211,31 @@ def test_body_over_the_limit_is_413_before_parsing() -> None:
         assert response.status_code == 413 and _error_code(response) == "request_too_large"
     assert not model.streams
     assert post(client).status_code == 200  # under the limit
+
+
+def test_body_that_arrives_too_slowly_is_408() -> None:
+    """Over a real socket: a client that declares 64 bytes and sends 10 gets a 408 within the deadline."""
+    model = ScriptedModel([token(0, "length")])
+    router = HealthyRouter(model, AppConfig(request_body_timeout_s=0.5))
+    server = uvicorn.Server(uvicorn.Config(build_http_app(router), host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 64\r\n\r\n" + b'{"model": ')
+            began = time.monotonic()
+            reply = sock.recv(65536).decode()
+            waited = time.monotonic() - began
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert reply.startswith("HTTP/1.1 408"), reply
+    assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert 0.4 < waited < 5 and not model.streams
 
 
 @pytest.mark.parametrize(("raw", "code"), [
