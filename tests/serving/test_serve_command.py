@@ -136,14 +136,20 @@ applications:
 """
 
 
-def listener_command(port: int) -> str:
-    """The command line of the process listening on 127.0.0.1:`port`."""
+def listener_pid(port: int) -> int:
     import psutil
 
     for connection in psutil.net_connections(kind="tcp"):
         if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port and connection.pid:
-            return " ".join(psutil.Process(connection.pid).cmdline())
+            return connection.pid
     raise AssertionError(f"nothing listens on port {port}")
+
+
+def listener_command(port: int) -> str:
+    """The command line of the process listening on 127.0.0.1:`port`."""
+    import psutil
+
+    return " ".join(psutil.Process(listener_pid(port)).cmdline())
 
 
 def assert_a_client_timeout_frees_the_request(base_url: str) -> None:
@@ -164,11 +170,36 @@ def assert_a_client_timeout_frees_the_request(base_url: str) -> None:
     raise AssertionError(f"the timed-out request still runs: {running}")
 
 
+def assert_a_killed_router_replica_comes_back_on_the_port(port: int) -> None:
+    """SIGKILL the router replica that serves the port: Serve starts another, which takes the same
+    port back (quarantine 0), and a completion is answered there again."""
+    import httpx
+
+    killed = listener_pid(port)
+    os.kill(killed, signal.SIGKILL)
+    began, deadline = time.monotonic(), time.monotonic() + START_TIMEOUT_S
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                completion = client.completions.create(model="dspark-reference", prompt="def f(", max_tokens=4)
+                break
+        except (httpx.HTTPError, openai.APIError):
+            pass
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no router on port {port} {START_TIMEOUT_S} s after its replica was killed")
+    assert listener_pid(port) != killed and "ServeReplica:dspark:Router" in listener_command(port)
+    assert completion.choices[0].text and completion.usage.completion_tokens >= 1
+    print(f"router replica killed: serving again on port {port} after {time.monotonic() - began:.1f} s")
+
+
 def test_the_router_replica_serves_the_port_and_answers_a_burst(tmp_path) -> None:
     """Issue 22, finding 8: without Serve's proxy in the way (the router replica's own HTTP server
     takes the port), a burst past the admission limit gets 200s and 429s with Retry-After and an
     OpenAI body, nothing else (how fast: `dspark-ray bench burst`, a benchmark, not a timed test); a
-    client that gives up on a unary request still cancels it."""
+    client that gives up on a unary request still cancels it; a killed router replica is replaced
+    on the same port."""
     from dspark_ray.bench.burst import burst, report
 
     config = tmp_path / "serve.yaml"
@@ -189,6 +220,7 @@ def test_the_router_replica_serves_the_port_and_answers_a_burst(tmp_path) -> Non
         assert summary["rejected_without_retry_after"] == 0 and summary["rejected_without_openai_body"] == 0
         assert not summary["other_errors"], summary
         assert_a_client_timeout_frees_the_request(f"http://127.0.0.1:{port}")
+        assert_a_killed_router_replica_comes_back_on_the_port(port)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0, output.tail()
     finally:
