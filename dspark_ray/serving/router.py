@@ -195,8 +195,43 @@ class Router:
 
 # ---- HTTP ----------------------------------------------------------------------------------
 
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class AdmissionGate:
+    """ASGI middleware: a generation request the router would turn away now (a bad API key, over
+    capacity, over its tenant's quota) is answered from its headers alone, before FastAPI routes
+    it, so that a burst past the limit costs the least Python per rejection. It knows only the
+    path, the method and the Authorization header; everything else is left to the routes."""
+
+    def __init__(self, app, router: Router) -> None:
+        self.app, self.router = app, router
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and _route(scope) in GENERATION_PATHS:
+            try:
+                self.router.check_admission(self.router.authenticate(_header(scope, b"authorization")))
+            except ApiError as error:
+                await JSONResponse(error.body(), error.status, headers=error.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route(scope) -> str:
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def build_http_app(router: Router) -> FastAPI:
     api = FastAPI(title="dspark-ray", docs_url=None, redoc_url=None, openapi_url=None)
+    api.add_middleware(AdmissionGate, router=router)
 
     @api.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -239,7 +274,7 @@ def build_http_app(router: Router) -> FastAPI:
 
 async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
     tenant = router.authenticate(http_request.headers.get("authorization"))
-    router.check_admission(tenant)  # a burst past the limit is turned away before any body is read
+    router.check_admission(tenant)  # as AdmissionGate did: the count may have changed since
     raw = await read_body(http_request, router.config.max_request_body_bytes, router.config.request_body_timeout_s)
     body = parse_body(raw, ChatCompletionBody if chat else CompletionBody)
     router.check_model(body.model)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from dspark_ray.serving.config import AppConfig
 from dspark_ray.serving.openai_api import RequestRejected
 from dspark_ray.serving.protocol import CompletionDelta, SpeculativeStats
-from dspark_ray.serving.router import Router, build_http_app
+from dspark_ray.serving.router import AdmissionGate, Router, build_http_app
 
 MODEL = "dspark-reference"
 
@@ -169,6 +169,30 @@ def test_over_capacity_is_answered_before_the_body_is_read() -> None:
     assert response.json()["error"]["code"] == "over_capacity" and not model.streams
     router.num_in_flight = 0
     assert client.post("/v1/completions", content=b"{not json").status_code == 400
+
+
+@pytest.mark.parametrize(("method", "path", "root_path", "gated"), [
+    ("POST", "/v1/completions", "", True), ("POST", "/v1/chat/completions", "", True),
+    ("POST", "/api/v1/completions", "/api", True), ("GET", "/v1/completions", "", False),
+    ("POST", "/v1/models", "", False)])
+def test_admission_gate_answers_over_capacity_before_the_app(method, path, root_path, gated) -> None:
+    """Over capacity, a generation request never reaches the FastAPI app; anything else does."""
+    router = HealthyRouter(ScriptedModel([]), AppConfig(max_ongoing_requests=1, max_queued_requests=1))
+    router.num_in_flight = router.admission_limit
+    reached, sent = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": root_path, "headers": []}
+    asyncio.run(AdmissionGate(app, router)(scope, None, send))
+    assert (not reached) == gated
+    if gated:
+        assert sent[0]["status"] == 429 and (b"retry-after", b"1") in sent[0]["headers"]
+        assert json.loads(sent[1]["body"])["error"]["code"] == "over_capacity"
 
 
 def test_rejected_prompt_keeps_its_status() -> None:
