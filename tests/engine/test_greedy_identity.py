@@ -13,7 +13,11 @@ import pytest
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.sequence import FinishReason, GenerationRequest
 from harness import DRAFT_QUALITY, DRAFTERS, make_drafter, make_engine, mismatch_report
-from tiny_models import ARCHITECTURES, draft_agreement
+from tiny_models import ARCHITECTURES, WINDOWED_ARCHITECTURES, draft_agreement
+
+# The windowed targets (sliding-window and chunked attention) run these too; their ragged batches
+# of 8 at every draft length are in test_windowed_identity.
+ALL_ARCHITECTURES = ARCHITECTURES + WINDOWED_ARCHITECTURES
 
 PROMPTS = (
     (7,),  # a single token
@@ -64,7 +68,7 @@ def test_one_batch_equals_target_alone(tiny, reference, compactions, arch, draft
             f"mean acceptance length {sum(seq.stats.mean_acceptance_length for seq in seqs) / len(seqs):.2f}")
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_fully_accepted_blocks_equal_target_alone(tiny, reference, arch):
     """The target drafting for itself: long accepted blocks, the bonus token every step."""
     models = tiny(arch)
@@ -79,7 +83,7 @@ def test_fully_accepted_blocks_equal_target_alone(tiny, reference, arch):
 
 def test_tiny_drafts_agree_partially(tiny, reference):
     """The drafts must be neither useless nor perfect, or the tests above prove little."""
-    for arch in ARCHITECTURES:
+    for arch in ALL_ARCHITECTURES:
         models = tiny(arch)
         sequences = [list(p) + reference(arch, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
         agreement = draft_agreement(models.target, models.draft, sequences)
@@ -98,7 +102,7 @@ SCHEDULE = {
 
 @pytest.mark.parametrize("fused_prefill", [True, False])  # prompts prefilled in the verification's forward, or apart
 @pytest.mark.parametrize("drafter", ["model-off", "ngram"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_continuous_batching_equals_target_alone(tiny, reference, arch, drafter, fused_prefill):
     models = tiny(arch)
     engine = make_engine(models.target, make_drafter(drafter, models.target, models.draft, 3), 3, max_batch_size=4)
@@ -123,7 +127,7 @@ def test_continuous_batching_equals_target_alone(tiny, reference, arch, drafter,
     assert finished_at[seqs[0].seq_id] > 3  # the first request was still running when others joined
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_compaction_after_every_step_changes_nothing(tiny, reference, compactions, monkeypatch, arch):
     """Compact the target's and the draft's caches at every sync, not only past the threshold."""
     monkeypatch.setattr(BatchKVCache, "needs_compaction", lambda self: True)

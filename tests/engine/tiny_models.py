@@ -49,7 +49,8 @@ PAD_TOKEN_ID = 0
 
 def target_config(arch: str, vocab_size: int = VOCAB_SIZE, max_position_embeddings: int = MAX_POSITION_EMBEDDINGS,
                   initializer_range: float = 0.2) -> PretrainedConfig:
-    """A 2-layer config of `arch` with no sliding window, no EOS and wide-spread weights."""
+    """A small config of `arch` (2 layers; 4 for Gemma 4 and Llama 4), no EOS, wide-spread weights, and
+    no sliding window except in `WINDOWED_ARCHITECTURES`."""
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
@@ -115,7 +116,8 @@ def build_target(arch: str, directory: Path, seed: int = 0, **config_overrides) 
 
 def build_draft(target: PreTrainedModel, directory: Path, seed: int = 1,
                 max_position_embeddings: int | None = None) -> PreTrainedModel:
-    """The target cut to its first layer (weights copied): same vocabulary, partial agreement."""
+    """The target cut to its first layer (two for Gemma 4 and Llama 4), weights copied: same
+    vocabulary, partial agreement."""
     overrides = _draft_layers(target.config)
     if max_position_embeddings is not None:
         overrides["max_position_embeddings"] = max_position_embeddings
@@ -133,6 +135,8 @@ def _draft_layers(config: PretrainedConfig) -> dict:
         # others' keys, and no per-layer embeddings (their table is sized by the layer count)
         return {"num_hidden_layers": 2, "num_kv_shared_layers": 0, "hidden_size_per_layer_input": 0,
                 "global_head_dim": GEMMA4_GLOBAL_HEAD_DIM}
+    if config.model_type == "llama4_text":
+        return {"num_hidden_layers": 2}  # one chunked layer, one NoPE (cut to one, it agrees too rarely)
     return {"num_hidden_layers": 1}
 
 
