@@ -36,6 +36,18 @@ def assert_matches_target_alone(tiny, reference, arch, seqs, prompts, max_tokens
         assert seq.output_token_ids == expected, mismatch_report(target, list(prompt), seq.output_token_ids, expected)
 
 
+def assert_speculated(seqs, drafter: str) -> tuple[int, int]:
+    """Speculation really happened: drafts were kept, and with a draft LM also rejected (so caches
+    were rolled back). Returns (drafted, accepted) over `seqs`."""
+    num_drafted = sum(seq.stats.num_draft_tokens for seq in seqs)
+    num_accepted = sum(seq.stats.num_accepted_tokens for seq in seqs)
+    if drafter != "none":
+        assert num_accepted > 0
+    if drafter.startswith("model"):
+        assert num_drafted > num_accepted
+    return num_drafted, num_accepted
+
+
 @pytest.mark.parametrize("num_speculative_tokens", [1, 3, 6])
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -50,12 +62,7 @@ def test_one_batch_equals_target_alone(tiny, reference, compactions, arch, draft
     assert all(seq.finish_reason == FinishReason.LENGTH for seq in seqs)
     for seq in seqs:  # the prefill emits one token, every step accepted + 1
         assert len(seq.output_token_ids) == 1 + seq.stats.num_steps + seq.stats.num_accepted_tokens
-    num_drafted = sum(seq.stats.num_draft_tokens for seq in seqs)
-    num_accepted = sum(seq.stats.num_accepted_tokens for seq in seqs)
-    if drafter != "none":  # speculation really happened: drafts were kept ...
-        assert num_accepted > 0
-    if drafter.startswith("model"):  # ... and rejected, so caches were rolled back
-        assert num_drafted > num_accepted
+    num_drafted, num_accepted = assert_speculated(seqs, drafter)
     if (drafter, num_speculative_tokens) == ("model-off", 6):
         # 7 slots appended per step, ~1.2 kept: the holes pass the compaction threshold mid-run.
         assert any(after < before for before, after in compactions), compactions

@@ -12,7 +12,7 @@ import pytest
 
 from dspark_ray.engine.sequence import GenerationRequest
 from harness import make_drafter, make_engine
-from test_greedy_identity import assert_matches_target_alone
+from test_greedy_identity import assert_matches_target_alone, assert_speculated
 from tiny_models import WINDOW, WINDOWED_ARCHITECTURES
 
 PROMPTS = (
@@ -43,9 +43,4 @@ def test_ragged_batch_of_8_equals_target_alone(tiny, reference, arch, drafter, n
     seqs = engine.generate([GenerationRequest(list(p), max_tokens=n) for p, n in zip(PROMPTS, MAX_TOKENS)])
 
     assert_matches_target_alone(tiny, reference, arch, seqs, PROMPTS, MAX_TOKENS)
-    num_drafted = sum(seq.stats.num_draft_tokens for seq in seqs)
-    num_accepted = sum(seq.stats.num_accepted_tokens for seq in seqs)
-    if drafter != "none":  # speculation really happened: drafts were kept ...
-        assert num_accepted > 0
-    if drafter.startswith("model"):  # ... and rejected, so caches were rolled back
-        assert num_drafted > num_accepted
+    assert_speculated(seqs, drafter)
