@@ -15,6 +15,8 @@ from dspark_ray.engine.loading import ModelLoadError, load_causal_lm
 from dspark_ray.engine.runner import CausalLMRunner
 from tiny_models import PAD_TOKEN_ID, WINDOW, WINDOWED_ARCHITECTURES
 
+# the runner-level checks also cover a single window for all layers (one mask, no layer types)
+RUNNER_ARCHITECTURES = WINDOWED_ARCHITECTURES + ("mixtral_window",)
 PROMPT = list(range(3, 16))  # 13 tokens: past the first window
 BLOCK = [40, 41, 42, 43, 44, 45, 46, 47, 48]  # k + 1 = 9 tokens for k = 8 drafts, longer than a window
 
@@ -72,7 +74,7 @@ def full_forward_logits(model, tokens: list[int]) -> torch.Tensor:
     return model(torch.tensor([tokens])).logits[0].float()
 
 
-@pytest.mark.parametrize("arch", WINDOWED_ARCHITECTURES)
+@pytest.mark.parametrize("arch", RUNNER_ARCHITECTURES)
 def test_verifying_k_plus_1_tokens_equals_k_plus_1_decode_steps(tiny, arch):
     model = tiny(arch).target
     assert len(PROMPT) > WINDOW and len(BLOCK) > WINDOW
@@ -89,7 +91,7 @@ def test_verifying_k_plus_1_tokens_equals_k_plus_1_decode_steps(tiny, arch):
     torch.testing.assert_close(verified, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", WINDOWED_ARCHITECTURES)
+@pytest.mark.parametrize("arch", RUNNER_ARCHITECTURES)
 def test_rolled_back_drafts_leave_no_trace(tiny, arch):
     """Two ragged rows: row 0 verifies 9 tokens and keeps 3, row 1 one token; both go on from
     there, over two more forwards (the second one's keys sit behind the holes), as if the rejected

@@ -75,6 +75,8 @@ def target_config(arch: str, vocab_size: int = VOCAB_SIZE, max_position_embeddin
             moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
             n_group=1, topk_group=1, first_k_dense_replace=1,
         )
+    if arch == "mixtral_window":  # one sliding window for every layer, one mask (Mistral-style)
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)
     return _windowed_config(arch, common)
 
 
