@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from dspark_ray.dspark.config import TargetSignature
 from dspark_ray.engine.feature_capture import decoder_layers
+from dspark_ray.engine.loading import decoder
 
 
 def fingerprint_tensors(target: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -21,7 +22,7 @@ def fingerprint_tensors(target: PreTrainedModel) -> dict[str, torch.Tensor]:
         "input_embeddings": target.get_input_embeddings().weight,
         "output_embeddings": target.get_output_embeddings().weight,
     }
-    norm = getattr(target.get_decoder(), "norm", None)
+    norm = getattr(decoder(target), "norm", None)
     if norm is not None and getattr(norm, "weight", None) is not None:
         tensors["final_norm"] = norm.weight
     return tensors

@@ -12,9 +12,11 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel
 
+from dspark_ray.engine.loading import decoder
+
 
 def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
-    layers = getattr(model.get_decoder(), "layers", None)
+    layers = getattr(decoder(model), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: cannot find the decoder layers to capture")
     return layers

@@ -4,7 +4,8 @@ Physically every row has the same number of slots `S`; each row's *valid* slots 
 tokens in order, and invalid slots (padding, rolled-back draft tokens) are masked out. Rolling a
 row back is therefore a mask update (no recomputation, no copy); `compact` gathers the valid slots
 when holes dominate. Attention masks and position ids are built here and passed explicitly, so the
-model never infers positions from the physical layout.
+model never infers positions from the physical layout. Sliding-window and chunked layers keep all
+their keys too; their windows are applied in the mask, by token position (`engine.attention_windows`).
 
 This module knows nothing about drafts, sampling or which model it serves.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from dspark_ray.engine.attention_windows import AttentionWindow, AttentionWindows
 
 MAX_HOLE_FRACTION_INVERSE = 4  # compact once the slots exceed the longest row by a quarter ...
 MIN_HOLES_BEFORE_COMPACTION = 16  # ... plus this many
@@ -27,7 +29,8 @@ MIN_HOLES_BEFORE_COMPACTION = 16  # ... plus this many
 class ForwardInputs:
     input_ids: torch.Tensor  # [B, T] int64, padded
     position_ids: torch.Tensor  # [B, T] int64
-    attention_mask: torch.Tensor  # [B, 1, T, S + T] additive float mask
+    # [B, 1, T, S + T] additive float mask, or one such mask per layer type (`AttentionWindows.by_layer_type`)
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]
     query_valid: torch.Tensor  # [B, T] bool: False at padding
     num_query_tokens: list[int]  # [B] real tokens per row
 
@@ -36,8 +39,9 @@ class BatchKVCache:
     """A batch of per-sequence caches with verbs: append (via forward), truncate, select, merge, extend
     (empty rows), compact, and narrow (a forward over some rows only)."""
 
-    def __init__(self, hf_cache: DynamicCache, num_rows: int) -> None:
+    def __init__(self, hf_cache: DynamicCache, num_rows: int, windows: AttentionWindows = AttentionWindows()) -> None:
         self.hf_cache = hf_cache
+        self.windows = windows
         self.slot_valid = torch.zeros(num_rows, 0, dtype=torch.bool)  # [B, S]
         self.cached_tokens: list[list[int]] = [[] for _ in range(num_rows)]
 
@@ -61,22 +65,23 @@ class BatchKVCache:
                                  dtype=torch.long).reshape(self.num_rows, num_query)
         query_valid = torch.tensor([[True] * length + [False] * (num_query - length) for length in lengths],
                                    dtype=torch.bool).reshape(self.num_rows, num_query)  # [B, T]
-        position_ids = torch.tensor([[min(len(cached) + offset, max_position - 1) for offset in range(num_query)]
-                                     for cached in self.cached_tokens],
-                                    dtype=torch.long).reshape(self.num_rows, num_query)  # [B, T]
+        positions = torch.tensor([[len(cached) + offset for offset in range(num_query)] for cached in self.cached_tokens],
+                                 dtype=torch.long).reshape(self.num_rows, num_query)  # [B, T]
         return ForwardInputs(
             input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=self._attention_mask(query_valid, dtype, one_each=lengths == [1] * self.num_rows),
+            position_ids=positions.clamp(max=max_position - 1),
+            attention_mask=self._attention_mask(query_valid, positions, dtype,
+                                                one_each=lengths == [1] * self.num_rows),
             query_valid=query_valid,
             num_query_tokens=lengths,
         )
 
-    def _attention_mask(self, query_valid: torch.Tensor, dtype: torch.dtype, one_each: bool = False) -> torch.Tensor:
+    def _attention_mask(self, query_valid: torch.Tensor, query_positions: torch.Tensor, dtype: torch.dtype,
+                        one_each: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """`one_each`: every row gets exactly one new token (a decode step); with no holes in the
-        cache its one query sees every slot, so the mask is all zeros, built in one op."""
+        cache and full attention its one query sees every slot, so the mask is all zeros, built in one op."""
         num_query, old_slots = query_valid.shape[1], self.num_slots
-        if one_each and bool(self.slot_valid.all()):
+        if one_each and self.windows.all_full and bool(self.slot_valid.all()):
             return torch.zeros(self.num_rows, 1, 1, old_slots + 1, dtype=dtype)
         kv_valid = torch.cat([self.slot_valid, query_valid], dim=1)  # [B, S + T]
         kv_index = torch.arange(old_slots + num_query)
@@ -85,9 +90,18 @@ class BatchKVCache:
         allowed = kv_valid[:, None, :] & causal[None]  # [B, T, S + T]
         # Every query sees at least itself, so padded queries never produce NaNs that would
         # leak into the cache (0 * NaN is NaN even behind a mask).
-        allowed |= (kv_index[None, :] == query_slot[:, None])[None]
-        blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
-        return torch.where(allowed, torch.zeros((), dtype=dtype), blocked)[:, None]  # [B, 1, T, S + T]
+        itself = (kv_index[None, :] == query_slot[:, None])[None]  # [1, T, S + T]
+        key_positions = torch.cat([self.slot_valid.cumsum(1) - 1, query_positions], dim=1)  # [B, S + T], valid slots
+
+        def additive(window: AttentionWindow) -> torch.Tensor:
+            seen = window.restrict(allowed, query_positions, key_positions) | itself
+            blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype)
+            return torch.where(seen, torch.zeros((), dtype=dtype), blocked)[:, None]  # [B, 1, T, S + T]
+
+        if self.windows.by_layer_type is None:
+            return additive(self.windows.uniform)
+        masks = {window: additive(window) for window in set(self.windows.by_layer_type.values())}
+        return {layer_type: masks[window] for layer_type, window in self.windows.by_layer_type.items()}
 
     def commit(self, token_lists: list[list[int]], inputs: ForwardInputs) -> None:
         """Record the slots the forward appended to the HF cache."""
@@ -146,7 +160,7 @@ class BatchKVCache:
         for layer, keys, values in full:
             device_index = index.to(keys.device)
             layer.keys, layer.values = keys.index_select(0, device_index), values.index_select(0, device_index)
-        part = BatchKVCache(self.hf_cache, 0)
+        part = BatchKVCache(self.hf_cache, 0, self.windows)
         part.slot_valid = self.slot_valid[index]
         part.cached_tokens = [self.cached_tokens[row] for row in rows]  # shared: commit extends ours
         try:
@@ -206,7 +220,9 @@ class BatchKVCache:
         self.slot_valid = torch.cat([self.slot_valid, torch.zeros(self.num_rows, extra, dtype=torch.bool)], 1)
 
     def _layers(self) -> list:
-        return [layer for layer in self.hf_cache.layers if getattr(layer, "is_initialized", False)]
+        """The layers holding keys and values (not those reusing another layer's: Gemma 4's KV sharing)."""
+        return [layer for layer in self.hf_cache.layers
+                if getattr(layer, "is_initialized", False) and layer.keys is not None]
 
 
 def _gather_slots(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
+
+from dspark_ray.engine.attention_windows import AttentionWindows, UnsupportedAttention
 
 hf_logging.disable_progress_bar()  # per-tensor loading bars drown the CLI's own output
 
@@ -22,7 +25,7 @@ def load_causal_lm(path: Path | str, dtype: str = "float32", device: str = "cpu"
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
-    _check_no_sliding_window(model, path)
+    _check_attention_supported(model, path)
     return model.to(device).eval()
 
 
@@ -44,16 +47,33 @@ def check_shared_vocabulary(target: PreTrainedModel, draft: PreTrainedModel) -> 
         )
 
 
+def decoder(model: PreTrainedModel) -> torch.nn.Module:
+    """The module that holds the decoder layers. `get_decoder` misses it where a class's base model
+    attribute differs from its `base_model_prefix` (Llama4ForCausalLM: `model`, not `language_model`)."""
+    found = model.get_decoder()
+    inner = getattr(model, "model", None)
+    if not hasattr(found, "layers") and hasattr(inner, "layers"):
+        return inner
+    return found
+
+
 def context_limit(model: PreTrainedModel) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))
 
 
-def _check_no_sliding_window(model: PreTrainedModel, path: Path) -> None:
-    # Rollback masks rejected cache slots instead of cropping them; a sliding-window layer would
-    # count those slots towards its window, so such models are refused rather than silently wrong.
-    config = model.config
-    window = getattr(config, "sliding_window", None)
-    enabled = getattr(config, "use_sliding_window", True)
-    layer_types = getattr(config, "layer_types", None) or []
-    if (window and enabled) or any(kind != "full_attention" for kind in layer_types):
-        raise ModelLoadError(f"{path}: sliding-window attention layers are not supported yet")
+def _check_attention_supported(model: PreTrainedModel, path: Path) -> None:
+    """Refuse layers the engine cannot roll back (recurrent or compressed state), and hybrid models
+    whose forward cannot take one attention mask per layer type (the engine applies sliding and
+    chunked windows in those masks: `engine.attention_windows`)."""
+    try:
+        windows = AttentionWindows.of(model.config)
+    except UnsupportedAttention as error:
+        raise ModelLoadError(f"{path}: {error}") from error
+    if windows.by_layer_type is not None and not _takes_mask_per_layer_type(model):
+        raise ModelLoadError(f"{path}: {type(model).__name__} mixes attention layer types but takes one attention "
+                             "mask for all of them; not supported yet")
+
+
+def _takes_mask_per_layer_type(model: PreTrainedModel) -> bool:
+    # HF's hybrid models build `causal_mask_mapping` (layer type -> mask) unless handed one
+    return "causal_mask_mapping" in inspect.getsource(type(decoder(model)).forward)

@@ -16,12 +16,15 @@ then costs the other rows no padded queries and no keys past their own new slots
 How it hooks into an HF model, with no model code of ours: its attention implementation becomes
 `dspark_packed` (sdpa, unpacking queries and packing outputs while a `Packing` is active, plain
 sdpa otherwise), and the runner's cache is a `PackedDynamicCache`, whose `update` unpacks new keys
-and values. Models whose attention is not sdpa keep padded forwards.
+and values. A model whose attention exists only as its own eager function (gpt-oss: attention
+sinks) attends with that function the same way (`dspark_packed_eager`). Models that could run sdpa
+but were set to another implementation keep padded forwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -29,14 +32,18 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from dspark_ray.engine.absorbed_mla import absorbed_attention, absorbs
 
 PACKED_ATTENTION = "dspark_packed"
+PACKED_EAGER_ATTENTION = "dspark_packed_eager"
 SHORT_ROW_QUERIES = 8  # rows with more new tokens than this (prompts) attend in a group of their own
 
 Rows = slice | torch.Tensor  # a group's rows: a slice where they are contiguous (views, no copies)
+
+# attention module class -> its model's own eager attention, for models that have no other
+_EAGER_ATTENTION: dict[type, Callable] = {}
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,10 @@ class PackedDynamicCache(DynamicCache):
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sdpa over the padded layout: queries `[1, H, N, D]` in, outputs `[1, N, H, D]` out. An MLA
-    module absorbing its `kv_b_proj` (`engine.absorbed_mla`) attends over its latents instead."""
-    attend = absorbed_attention if absorbs(module) else sdpa_attention_forward
+    """sdpa (or the model's own eager attention) over the padded layout: queries `[1, H, N, D]` in,
+    outputs `[1, N, H, D]` out. An MLA module absorbing its `kv_b_proj` (`engine.absorbed_mla`)
+    attends over its latents instead."""
+    attend = absorbed_attention if absorbs(module) else _EAGER_ATTENTION.get(type(module), sdpa_attention_forward)
     packing = _active.get()
     if packing is None:
         return attend(module, query, key, value, attention_mask, **kwargs)
@@ -135,18 +143,35 @@ def _attend_in_groups(attend, module: torch.nn.Module, query: torch.Tensor, key:
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+AttentionInterface.register(PACKED_EAGER_ATTENTION, packed_attention)
+AttentionMaskInterface.register(PACKED_EAGER_ATTENTION, eager_mask)
 
 
 def enable_packing(model: PreTrainedModel) -> bool:
-    """Switch an sdpa model to packed attention (the same as sdpa when no packing is active, and
-    what absorbed MLA runs through); False, and the model unchanged, for any other attention
-    implementation."""
+    """Switch an sdpa model, or one with eager attention only, to packed attention (the same as
+    before when no packing is active, and what absorbed MLA runs through); False, and the model
+    unchanged, for any other attention implementation."""
     implementation = model.config._attn_implementation
-    if implementation == PACKED_ATTENTION:
+    if implementation in (PACKED_ATTENTION, PACKED_EAGER_ATTENTION):
         return True
-    if implementation != "sdpa":
+    if implementation == "sdpa":
+        model.set_attn_implementation(PACKED_ATTENTION)
+        return True
+    if implementation == "eager" and not model._supports_sdpa:
+        return _enable_eager_packing(model)
+    return False
+
+
+def _enable_eager_packing(model: PreTrainedModel) -> bool:
+    """Its attention modules attend with the eager function of their own modeling file."""
+    modeling = type(model).__module__
+    eager = getattr(sys.modules[modeling], "eager_attention_forward", None)
+    if eager is None:
         return False
-    model.set_attn_implementation(PACKED_ATTENTION)
+    for module in model.modules():
+        if type(module).__module__ == modeling and type(module).__name__.endswith("Attention"):
+            _EAGER_ATTENTION[type(module)] = eager
+    model.set_attn_implementation(PACKED_EAGER_ATTENTION)
     return True
 
 

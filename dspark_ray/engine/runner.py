@@ -15,10 +15,12 @@ import torch
 from transformers import PreTrainedModel
 
 from dspark_ray.engine.absorbed_mla import absorbing, install as install_absorption
+from dspark_ray.engine.attention_windows import AttentionWindows, full_length
 from dspark_ray.engine.feature_capture import LayerCapture
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import context_limit
 from dspark_ray.engine.packed_forward import Packing, PackedDynamicCache, enable_packing, packed
+from dspark_ray.engine.position_temperature import PositionTemperature
 
 
 # The longest prompt a forward beside running rows prefills (`engine.fused_prefill`); longer ones get
@@ -45,6 +47,8 @@ class CausalLMRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.cache_keyword = cache_keyword(model)
+        self.windows = AttentionWindows.of(model.config)
+        self.temperature = PositionTemperature(model)
         engine_attention = (packed_forwards or absorbed_mla) and enable_packing(model)
         self.packs = packed_forwards and engine_attention  # ragged forwards run packed (engine.packed_forward)
         # MLA attends over the cached latents in forwards of up to this many new tokens a row
@@ -65,7 +69,7 @@ class CausalLMRunner:
         return FUSED_PROMPT_TOKENS_PACKED
 
     def _new_cache(self, num_rows: int) -> BatchKVCache:
-        return BatchKVCache(PackedDynamicCache(config=self.model.config), num_rows)
+        return BatchKVCache(full_length(PackedDynamicCache(config=self.model.config)), num_rows, self.windows)
 
     def add(self, token_lists: Mapping[int, list[int]]) -> torch.Tensor:
         """Prefill new sequences; returns logits after each one's last token. # [N, V]"""
@@ -151,11 +155,12 @@ class CausalLMRunner:
         with cache.undone_on_error(), \
                 self.capture.recording() if self.capture is not None else nullcontext(), \
                 packed(packing) if packing is not None else nullcontext(), \
+                self.temperature.by_position_ids(position_ids), \
                 absorbing() if inputs.input_ids.shape[1] <= self.absorb_up_to else nullcontext():
             output = self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,
-                attention_mask=inputs.attention_mask.to(self.device),
+                attention_mask=_to_device(inputs.attention_mask, self.device),
                 use_cache=True,
                 **{self.cache_keyword: cache.hf_cache},
             )
@@ -181,6 +186,13 @@ def cache_keyword(model: PreTrainedModel) -> str:
     """The forward's name for the KV cache: `cache`, or `past_key_values` before transformers
     renamed it during 5.x (5.17 still takes the old name)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _to_device(mask: torch.Tensor | dict[str, torch.Tensor], device: torch.device
+               ) -> torch.Tensor | dict[str, torch.Tensor]:
+    if isinstance(mask, dict):
+        return {layer_type: layer_mask.to(device) for layer_type, layer_mask in mask.items()}
+    return mask.to(device)
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:

@@ -18,9 +18,14 @@ from dspark_ray.engine.sequence import FinishReason, GenerationRequest
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import TargetVerifier
 from tiny_dspark import PROMPTS
+from tiny_models import WINDOWED_ARCHITECTURES
 
 MAX_TOKENS = (40, 24, 33, 29, 36)  # sequences leave the batch at different steps
 ARCHITECTURES = ("llama", "qwen3_moe", "deepseek_v3")
+# Features captured from sliding-window and chunked layers: every windowed target with untrained
+# drafters (drafts rejected: rollbacks), gpt-oss also trained (drafts kept and rejected; training the
+# others costs tens of seconds each)
+TRAINED_ARCHITECTURES = ARCHITECTURES + ("gpt_oss",)
 
 
 def make_engine(target, model, num_speculative_tokens: int, max_batch_size: int = 32) -> SpeculativeEngine:
@@ -36,7 +41,7 @@ def assert_identical(reference, arch, seqs, prompts=PROMPTS, max_tokens=MAX_TOKE
 
 
 @pytest.mark.parametrize("num_speculative_tokens", [1, 3, 6])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", TRAINED_ARCHITECTURES)
 def test_trained_drafter_equals_target_alone(tiny_targets, tiny_dspark, reference, arch, num_speculative_tokens):
     drafter = tiny_dspark(arch, "gated", block_size=6)
     engine = make_engine(tiny_targets(arch).target, drafter.model, num_speculative_tokens)
@@ -54,7 +59,7 @@ def test_trained_drafter_equals_target_alone(tiny_targets, tiny_dspark, referenc
 
 
 @pytest.mark.parametrize(("head", "block_size"), [("none", 2), ("vanilla", 4), ("rnn", 5), ("gated", 8)])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + WINDOWED_ARCHITECTURES)
 def test_every_head_and_block_size_equals_target_alone(tiny_targets, tiny_dspark, reference, arch, head, block_size):
     drafter = tiny_dspark(arch, head, block_size=block_size, trained=False)
     engine = make_engine(tiny_targets(arch).target, drafter.model, num_speculative_tokens=block_size)

@@ -11,7 +11,7 @@ import transformers
 
 from dspark_ray.engine.kv_cache import BatchKVCache
 from harness import DRAFT_QUALITY
-from tiny_models import ARCHITECTURES, TinyModels, greedy_reference, pair_builder
+from tiny_models import ARCHITECTURES, WINDOWED_ARCHITECTURES, TinyModels, greedy_reference, pair_builder
 
 # The models are tiny: a second intra-op thread only adds contention on the 2-core CI machine
 # (measured ~25x slower per engine run with 2 threads under load).
@@ -22,7 +22,7 @@ transformers.utils.logging.set_verbosity_error()
 def pytest_terminal_summary(terminalreporter) -> None:
     if DRAFT_QUALITY:
         terminalreporter.write_sep("-", "tiny draft vs target (engine tests)")
-        for arch in ARCHITECTURES:
+        for arch in ARCHITECTURES + WINDOWED_ARCHITECTURES:
             if arch in DRAFT_QUALITY:
                 terminalreporter.write_line(f"{arch:12s} {DRAFT_QUALITY[arch]}")
 

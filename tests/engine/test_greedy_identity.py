@@ -13,7 +13,11 @@ import pytest
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.sequence import FinishReason, GenerationRequest
 from harness import DRAFT_QUALITY, DRAFTERS, make_drafter, make_engine, mismatch_report
-from tiny_models import ARCHITECTURES, draft_agreement
+from tiny_models import ARCHITECTURES, WINDOWED_ARCHITECTURES, draft_agreement
+
+# The windowed targets (sliding-window and chunked attention) run these too; their ragged batches
+# of 8 at every draft length are in test_windowed_identity.
+ALL_ARCHITECTURES = ARCHITECTURES + WINDOWED_ARCHITECTURES
 
 PROMPTS = (
     (7,),  # a single token
@@ -32,6 +36,18 @@ def assert_matches_target_alone(tiny, reference, arch, seqs, prompts, max_tokens
         assert seq.output_token_ids == expected, mismatch_report(target, list(prompt), seq.output_token_ids, expected)
 
 
+def assert_speculated(seqs, drafter: str) -> tuple[int, int]:
+    """Speculation really happened: drafts were kept, and with a draft LM also rejected (so caches
+    were rolled back). Returns (drafted, accepted) over `seqs`."""
+    num_drafted = sum(seq.stats.num_draft_tokens for seq in seqs)
+    num_accepted = sum(seq.stats.num_accepted_tokens for seq in seqs)
+    if drafter != "none":
+        assert num_accepted > 0
+    if drafter.startswith("model"):
+        assert num_drafted > num_accepted
+    return num_drafted, num_accepted
+
+
 @pytest.mark.parametrize("num_speculative_tokens", [1, 3, 6])
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -46,12 +62,7 @@ def test_one_batch_equals_target_alone(tiny, reference, compactions, arch, draft
     assert all(seq.finish_reason == FinishReason.LENGTH for seq in seqs)
     for seq in seqs:  # the prefill emits one token, every step accepted + 1
         assert len(seq.output_token_ids) == 1 + seq.stats.num_steps + seq.stats.num_accepted_tokens
-    num_drafted = sum(seq.stats.num_draft_tokens for seq in seqs)
-    num_accepted = sum(seq.stats.num_accepted_tokens for seq in seqs)
-    if drafter != "none":  # speculation really happened: drafts were kept ...
-        assert num_accepted > 0
-    if drafter.startswith("model"):  # ... and rejected, so caches were rolled back
-        assert num_drafted > num_accepted
+    num_drafted, num_accepted = assert_speculated(seqs, drafter)
     if (drafter, num_speculative_tokens) == ("model-off", 6):
         # 7 slots appended per step, ~1.2 kept: the holes pass the compaction threshold mid-run.
         assert any(after < before for before, after in compactions), compactions
@@ -64,7 +75,7 @@ def test_one_batch_equals_target_alone(tiny, reference, compactions, arch, draft
             f"mean acceptance length {sum(seq.stats.mean_acceptance_length for seq in seqs) / len(seqs):.2f}")
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_fully_accepted_blocks_equal_target_alone(tiny, reference, arch):
     """The target drafting for itself: long accepted blocks, the bonus token every step."""
     models = tiny(arch)
@@ -79,7 +90,7 @@ def test_fully_accepted_blocks_equal_target_alone(tiny, reference, arch):
 
 def test_tiny_drafts_agree_partially(tiny, reference):
     """The drafts must be neither useless nor perfect, or the tests above prove little."""
-    for arch in ARCHITECTURES:
+    for arch in ALL_ARCHITECTURES:
         models = tiny(arch)
         sequences = [list(p) + reference(arch, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
         agreement = draft_agreement(models.target, models.draft, sequences)
@@ -98,7 +109,7 @@ SCHEDULE = {
 
 @pytest.mark.parametrize("fused_prefill", [True, False])  # prompts prefilled in the verification's forward, or apart
 @pytest.mark.parametrize("drafter", ["model-off", "ngram"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_continuous_batching_equals_target_alone(tiny, reference, arch, drafter, fused_prefill):
     models = tiny(arch)
     engine = make_engine(models.target, make_drafter(drafter, models.target, models.draft, 3), 3, max_batch_size=4)
@@ -123,7 +134,7 @@ def test_continuous_batching_equals_target_alone(tiny, reference, arch, drafter,
     assert finished_at[seqs[0].seq_id] > 3  # the first request was still running when others joined
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 def test_compaction_after_every_step_changes_nothing(tiny, reference, compactions, monkeypatch, arch):
     """Compact the target's and the draft's caches at every sync, not only past the threshold."""
     monkeypatch.setattr(BatchKVCache, "needs_compaction", lambda self: True)

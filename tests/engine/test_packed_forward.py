@@ -13,12 +13,12 @@ from dspark_ray.engine import packed_forward
 from dspark_ray.engine.absorbed_mla import crossover_queries
 from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.loading import load_causal_lm
-from dspark_ray.engine.packed_forward import (PACKED_ATTENTION, SHORT_ROW_QUERIES, Packing, attention_groups,
-                                              enable_packing)
+from dspark_ray.engine.packed_forward import (PACKED_ATTENTION, PACKED_EAGER_ATTENTION, SHORT_ROW_QUERIES, Packing,
+                                              attention_groups, enable_packing)
 from dspark_ray.engine.runner import FUSED_PROMPT_TOKENS_PACKED, FUSED_PROMPT_TOKENS_PADDED, CausalLMRunner
 from dspark_ray.engine.verifier import TargetVerifier
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
-from tiny_models import ARCHITECTURES
+from tiny_models import ARCHITECTURES, WINDOWED_ARCHITECTURES
 
 PROMPTS = {0: [11, 12, 13, 14, 15], 1: [21], 2: [31, 32, 33, 34, 35, 36, 37, 38, 39]}
 FEED = {0: [16, 17, 18], 1: [22], 2: [40, 41, 42, 43, 44, 45]}  # ragged: 3, 1 and 6 tokens
@@ -66,13 +66,15 @@ def run_ragged(model, packs: bool, capture_layers: list[int] | None = None, feed
     return runner, fed, prefill_logits, logits
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + WINDOWED_ARCHITECTURES)
 def test_a_packed_forward_equals_the_padded_one(tiny, arch):
     model = tiny(arch).target
     padded, padded_fed, padded_prefill, padded_logits = run_ragged(model, packs=False, capture_layers=[0, 1])
     packed, packed_fed, packed_prefill, packed_logits = run_ragged(model, packs=True, capture_layers=[0, 1])
 
-    assert packed.packs and model.config._attn_implementation == PACKED_ATTENTION
+    # gpt-oss has eager attention only (sinks): it packs with its own eager function
+    assert packed.packs and model.config._attn_implementation == (
+        PACKED_EAGER_ATTENTION if arch == "gpt_oss" else PACKED_ATTENTION)
     assert padded_fed == [3 * 9, 3 * 6] and packed_fed == [15, 10]  # only the real tokens are fed
     torch.testing.assert_close(packed_prefill, padded_prefill, atol=1e-5, rtol=1e-5)
     valid = torch.zeros(3, 6, dtype=torch.bool)
@@ -123,7 +125,7 @@ def test_grouped_attention_equals_the_padded_one_at_real_positions():
     assert not grouped[[0, 2], 3:].any()  # past the short group's 3 queries: nothing computed
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + WINDOWED_ARCHITECTURES)
 def test_a_prompt_beside_short_rows_attends_apart_and_changes_nothing(tiny, arch, monkeypatch):
     """A 20-token prompt joins three running rows (1-6 new tokens): the forward attends in two groups,
     and every real position's logits, and the cached KV, are the padded forward's."""

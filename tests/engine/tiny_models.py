@@ -2,7 +2,11 @@
 `dspark_ray.engine.loading.load_causal_lm`, fp32, seeded.
 
 Targets: Llama, Qwen3, Qwen3-MoE, Mixtral and DeepSeek-V3 (MLA attention, routed + shared experts),
-2 layers each, with `initializer_range` raised so logits are far from flat (greedy argmaxes are not
+2 layers each; and the windowed families (`WINDOWED_ARCHITECTURES`): gpt-oss (sliding window
+alternating with full attention, sinks, MoE), Gemma 4 text (interleaved sliding window, per-layer
+embeddings, KV shared across layers, MoE) and Llama 4 text (chunked attention, NoPE layers with
+attention temperature, MoE), with windows and chunks of `WINDOW` tokens so that short tests cross
+them several times, with `initializer_range` raised so logits are far from flat (greedy argmaxes are not
 near-ties). Each target's draft is the same architecture cut to its first layer, with that layer,
 the embeddings, the final norm and the lm_head copied from the target: it shares the vocabulary and
 agrees with the target on part of the tokens, so drafts are neither always accepted nor never.
@@ -20,6 +24,9 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
+    Gemma4TextConfig,
+    GptOssConfig,
+    Llama4TextConfig,
     LlamaConfig,
     MixtralConfig,
     PretrainedConfig,
@@ -32,6 +39,9 @@ from transformers import (
 from dspark_ray.engine.loading import load_causal_lm
 
 ARCHITECTURES = ("llama", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3")
+WINDOWED_ARCHITECTURES = ("gpt_oss", "gemma4", "llama4")
+WINDOW = 8  # sliding window / attention chunk of the windowed targets, in tokens
+GEMMA4_GLOBAL_HEAD_DIM = 32  # Gemma 4's full-attention layers have heads of their own size
 VOCAB_SIZE = 160
 MAX_POSITION_EMBEDDINGS = 256
 PAD_TOKEN_ID = 0
@@ -39,7 +49,8 @@ PAD_TOKEN_ID = 0
 
 def target_config(arch: str, vocab_size: int = VOCAB_SIZE, max_position_embeddings: int = MAX_POSITION_EMBEDDINGS,
                   initializer_range: float = 0.2) -> PretrainedConfig:
-    """A 2-layer config of `arch` with no sliding window, no EOS and wide-spread weights."""
+    """A small config of `arch` (2 layers; 4 for Gemma 4 and Llama 4), no EOS, wide-spread weights, and
+    no sliding window except in `WINDOWED_ARCHITECTURES`."""
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
@@ -64,6 +75,30 @@ def target_config(arch: str, vocab_size: int = VOCAB_SIZE, max_position_embeddin
             moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
             n_group=1, topk_group=1, first_k_dense_replace=1,
         )
+    if arch == "mixtral_window":  # one sliding window for every layer, one mask (Mistral-style)
+        return MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)
+    return _windowed_config(arch, common)
+
+
+def _windowed_config(arch: str, common: dict) -> PretrainedConfig:
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if arch == "gpt_oss":  # layer 0 sliding, layer 1 full
+        return GptOssConfig(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                            sliding_window=WINDOW, rope_parameters=rope)
+    if arch == "gemma4":
+        # layers 2 and 3 reuse the keys and values of layers 0 (sliding) and 1 (full)
+        return Gemma4TextConfig(
+            **{**common, "num_hidden_layers": 4}, head_dim=16, global_head_dim=GEMMA4_GLOBAL_HEAD_DIM, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+            hidden_size_per_layer_input=8, vocab_size_per_layer_input=common["vocab_size"],
+            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    if arch == "llama4":
+        # layers 0 and 2 chunked with rotary embeddings, 1 and 3 full without (NoPE), their
+        # attention temperature stepping every 4 positions (floor_scale) instead of every 8192
+        return Llama4TextConfig(
+            **{**common, "num_hidden_layers": 4}, head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
+            num_experts_per_tok=1, attention_chunk_size=WINDOW, no_rope_layer_interval=2, floor_scale=4,
+            attn_scale=0.5)
     raise ValueError(f"unknown architecture {arch!r}")
 
 
@@ -83,8 +118,9 @@ def build_target(arch: str, directory: Path, seed: int = 0, **config_overrides) 
 
 def build_draft(target: PreTrainedModel, directory: Path, seed: int = 1,
                 max_position_embeddings: int | None = None) -> PreTrainedModel:
-    """The target cut to its first layer (weights copied): same vocabulary, partial agreement."""
-    overrides = {"num_hidden_layers": 1}
+    """The target cut to its first layer (two for Gemma 4 and Llama 4), weights copied: same
+    vocabulary, partial agreement."""
+    overrides = _draft_layers(target.config)
     if max_position_embeddings is not None:
         overrides["max_position_embeddings"] = max_position_embeddings
     with torch.random.fork_rng():
@@ -93,6 +129,17 @@ def build_draft(target: PreTrainedModel, directory: Path, seed: int = 1,
     missing, _ = draft.load_state_dict(target.state_dict(), strict=False)  # layer 1 is simply dropped
     assert not [key for key in missing if not key.endswith("inv_freq")], missing
     return save_and_load(draft.eval(), directory)
+
+
+def _draft_layers(config: PretrainedConfig) -> dict:
+    if config.model_type == "gemma4_text":
+        # its first two layers (one sliding, one full: their heads differ in size), no layers reusing
+        # others' keys, and no per-layer embeddings (their table is sized by the layer count)
+        return {"num_hidden_layers": 2, "num_kv_shared_layers": 0, "hidden_size_per_layer_input": 0,
+                "global_head_dim": GEMMA4_GLOBAL_HEAD_DIM}
+    if config.model_type == "llama4_text":
+        return {"num_hidden_layers": 2}  # one chunked layer, one NoPE (cut to one, it agrees too rarely)
+    return {"num_hidden_layers": 1}
 
 
 def build_other_vocab_draft(target: PreTrainedModel, directory: Path, vocab_size: int) -> PreTrainedModel:
@@ -107,6 +154,8 @@ def build_other_vocab_draft(target: PreTrainedModel, directory: Path, vocab_size
 def _derived_config(target: PreTrainedModel, **overrides) -> PretrainedConfig:
     fields = target.config.to_dict()
     fields.pop("layer_types", None)  # derived from num_hidden_layers again
+    fields.pop("no_rope_layers", None)
+    fields.pop("per_layer_config", None)
     return type(target.config)(**{**fields, **overrides})
 
 
