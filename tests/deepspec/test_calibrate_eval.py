@@ -20,6 +20,8 @@ from dspark_ray.dspark.config import DSparkConfig
 from dspark_ray.dspark.io import new_dspark_model, save_dspark
 from dspark_ray.dspark.signature import target_signature
 
+pytestmark = pytest.mark.engine
+
 VOCAB = 64
 BLOCK = 4
 

@@ -13,6 +13,8 @@ from dspark_ray.config import (DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_
 from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest
 
+pytestmark = pytest.mark.engine
+
 MAX_TOKENS = 32
 
 

@@ -23,6 +23,8 @@ from dspark_ray.engine.verifier import TargetVerifier
 from tiny_dspark import build_tiny_dspark
 from tiny_models import build_target
 
+pytestmark = pytest.mark.engine
+
 VOCAB_SIZE, NUM_SAMPLES, PROMPT, POSITIONS = 12, 2500, [3, 7, 5], (1, 4)
 
 

@@ -10,6 +10,8 @@ import pytest
 from dspark_ray.bench import cli
 from dspark_ray.bench.admission import bench, report
 
+pytestmark = pytest.mark.engine
+
 
 def test_bench_admission_compares_both_ways_on_the_same_requests(tmp_path) -> None:
     parser = argparse.ArgumentParser()

@@ -10,6 +10,8 @@ import pytest
 
 from dspark_ray.bench import cli, load
 
+pytestmark = pytest.mark.engine
+
 
 def parse(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

@@ -24,6 +24,8 @@ from dspark_ray.engine.sequence import GenerationRequest
 from harness import make_drafter, make_engine
 from tiny_models import build_draft, build_target
 
+pytestmark = pytest.mark.engine
+
 VOCAB_SIZE = 16
 # The target's own greedy continuation of [6]: it holds the tokens the target likes, so the
 # n-gram drafter proposes tokens of substantial target probability (and the controls have power).

@@ -26,6 +26,8 @@ from test_sampling_lossless import (
     small,  # noqa: F401 (fixture)
 )
 
+pytestmark = pytest.mark.engine
+
 NUM_SAMPLES = 3000
 K = 3
 # Moderately loaded: with ~500 rows per step, a draft is worth verifying if its survival is above

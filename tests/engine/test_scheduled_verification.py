@@ -31,6 +31,8 @@ from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import TargetVerifier
 from harness import ConfidenceOverlay
 
+pytestmark = pytest.mark.engine
+
 VOCAB = 96
 K = 5
 FLAT = SpsCurve.from_measurements([1, 512], [100.0, 100.0])

@@ -19,6 +19,8 @@ from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.factory import build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
 
+pytestmark = pytest.mark.engine
+
 MAX_TOKENS = 40
 SAMPLINGS = (SamplingParams(temperature=1.0, seed=11), SamplingParams(temperature=0.8, top_p=0.9, seed=12),
              SamplingParams(temperature=1.2, top_k=20, seed=13), SamplingParams())  # the last one greedy

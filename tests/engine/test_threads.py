@@ -11,6 +11,8 @@ import torch
 
 from dspark_ray.engine import threads
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():

@@ -16,6 +16,8 @@ import pytest
 from dspark_ray.bench.offline import Run, RowStats, local_dir, resolve_pair, token_counts
 from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_TARGET_DIR
 
+pytestmark = pytest.mark.engine
+
 SCRIPT = """
 import sys
 for name in ("ray", "fastapi", "starlette", "uvicorn", "openai"):

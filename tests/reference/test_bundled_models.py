@@ -12,6 +12,8 @@ from dspark_ray.reference import corpus, data
 from dspark_ray.reference.build import DEFAULT_OUT
 from dspark_ray.reference.evaluate import heldout_loss, top1_agreement
 
+pytestmark = pytest.mark.engine
+
 TARGET_DIR, DRAFT_DIR = DEFAULT_OUT / "target", DEFAULT_OUT / "draft"
 # Measured on the first 1024 held-out tokens (fp32 CPU): target 3.879, draft 4.242 nats/token,
 # top-1 agreement 61.3%; bounds leave a margin. (The first file is harder than the split's mean.)

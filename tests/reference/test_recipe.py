@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dspark_ray.reference.build import main
 
+pytestmark = pytest.mark.engine
+
 WEIGHT_FILES = ("target/model.safetensors", "draft/model.safetensors")
 
 

@@ -9,6 +9,8 @@ import httpx
 import pytest
 from serving_helpers import ALICE_KEY, BOB_KEY
 
+pytestmark = pytest.mark.engine
+
 PROMPT = "def fibonacci(n):"
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from dspark_ray.serving.ports import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 START_TIMEOUT_S = 240
 

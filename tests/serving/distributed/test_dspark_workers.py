@@ -26,9 +26,9 @@ MAX_TOKENS = 24
 HELDOUT_LINES = (0, 1, 2, 4)  # 34, 48, 29 and 20 prompt tokens: one ragged batch
 WIRE_MAX_SUPPORT = 64  # WorkerPlacement.draft_probs_max_support's default
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_DSPARK_DIR / "config.json").is_file()
+pytestmark = [pytest.mark.skipif(not (DEFAULT_DSPARK_DIR / "config.json").is_file()
                                 or not (DEFAULT_TARGET_DIR / "config.json").is_file(),
-                                reason="bundled reference models not present")
+                                reason="bundled reference models not present"), pytest.mark.engine]
 
 
 def dspark_config(tp: int) -> EngineConfig:
