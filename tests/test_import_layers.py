@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
 PACKAGE = Path(__file__).resolve().parents[1] / "dspark_ray"
 # The one package cycle left: dspark/ reads checkpoints and decoder layers through engine/ modules
 # (loading, feature_capture) while engine/ builds DSpark drafters. A model-execution package below
