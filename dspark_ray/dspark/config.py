@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from dspark_ray.config import FrozenModel
 
 MODEL_TYPE = "dspark"
 SequentialHead = Literal["none", "vanilla", "gated", "rnn"]
-
-
-class FrozenModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class TargetSignature(FrozenModel):

@@ -14,18 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
-from dspark_ray.config import EngineConfig
+from dspark_ray.config import EngineConfig, FrozenModel
 from dspark_ray.serving.distributed.placement import WorkerPlacement
 
 IMPORT_PATH = "dspark_ray.serving.app:build_app"
 GRPC_SERVICER_FUNCTION = "dspark_ray.serving.wire.add_inference_service"
 DEFAULT_APP_NAME = "dspark"
-
-
-class FrozenModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class WorkersConfig(FrozenModel):
