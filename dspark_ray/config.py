@@ -16,7 +16,7 @@ DEFAULT_DRAFT_DIR = REFERENCE_DIR / "draft"
 DEFAULT_DSPARK_DIR = REFERENCE_DIR / "dspark"
 DEFAULT_DSPARK_PARALLEL_ONLY_DIR = REFERENCE_DIR / "dspark_parallel_only"
 
-DrafterKind = Literal["model", "dspark", "ngram", "none"]
+DrafterKind = Literal["model", "dspark", "mtp", "ngram", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -33,7 +33,11 @@ class EngineConfig(FrozenModel):
         description=("Draft directory: the draft LM's HF directory for drafter 'model', a DSpark drafter "
                      "directory for drafter 'dspark' (default: the bundled DSpark drafter)."),
     )
-    drafter: DrafterKind = Field("model", description="How drafts are proposed: 'model', 'dspark', 'ngram' or 'none'.")
+    drafter: DrafterKind = Field(
+        "model",
+        description=("How drafts are proposed: 'model', 'dspark', 'mtp' (the target's own next-token-prediction "
+                     "layer, as DeepSeek-V3 checkpoints ship it), 'ngram' or 'none'."),
+    )
     num_speculative_tokens: int = Field(
         8, ge=1, le=64, description="Most draft tokens proposed per sequence and step."
     )

@@ -1,0 +1,187 @@
+"""The MTP drafter (`--drafter mtp`) on a tiny DeepSeek-V3 target whose checkpoint ships an MTP
+layer the way DeepSeek-V3 does (decoder layer `num_hidden_layers`, with enorm / hnorm / eh_proj /
+shared_head.norm): greedy identity with HF `generate`, drafts equal to a plain no-cache MTP forward
+written here, and the error for a target without one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from dspark_ray.config import EngineConfig
+from dspark_ray.core.sampling import SamplingParams
+from dspark_ray.engine.drafters.mtp import MTPDrafter, load_mtp
+from dspark_ray.engine.engine import SpeculativeEngine
+from dspark_ray.engine.factory import build_engine, load_models
+from dspark_ray.engine.loading import ModelLoadError, load_causal_lm
+from dspark_ray.engine.runner import CausalLMRunner
+from dspark_ray.engine.sequence import GenerationRequest
+from dspark_ray.engine.stopping import StopRules
+from dspark_ray.engine.verifier import TargetVerifier
+from harness import mismatch_report
+from tiny_models import PAD_TOKEN_ID, VOCAB_SIZE, greedy_reference, save_tokenizer, target_config
+
+PROMPTS = [[5, 9, 13, 2, 7], [3, 3], list(range(10, 40)), [44], [7, 100, 21, 8, 8, 150, 2, 66, 1]]
+MAX_TOKENS = 24
+
+
+def build_mtp_target(directory: Path, seed: int = 0) -> None:
+    """A 2-layer DeepSeek-V3 target plus its MTP layer: a 3-layer model saved, its layer 2 kept in
+    the checkpoint as the MTP block (MoE, like V3's layer 61), the MTP-only tensors added, and the
+    config cut to 2 layers with `num_nextn_predict_layers: 1`."""
+    config = target_config("deepseek_v3")
+    config.num_hidden_layers = 3
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    tensors = load_file(directory / "model.safetensors")
+    hidden = config.hidden_size
+    generator = torch.Generator().manual_seed(seed + 1)
+    extra = {
+        "enorm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "hnorm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "eh_proj.weight": 0.2 * torch.randn(hidden, 2 * hidden, generator=generator),
+        "shared_head.norm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
+    }
+    tensors.update({f"model.layers.2.{name}": tensor for name, tensor in extra.items()})
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    fields = json.loads((directory / "config.json").read_text())
+    fields.update(num_hidden_layers=2, num_nextn_predict_layers=1)
+    (directory / "config.json").write_text(json.dumps(fields))
+    save_tokenizer(directory, VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def mtp_target(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mtp-target")
+    build_mtp_target(directory)
+    target = load_causal_lm(directory)
+    return directory, target, load_mtp(target, directory)
+
+
+@pytest.fixture(scope="module")
+def references(mtp_target):
+    _, target, _ = mtp_target
+    return [greedy_reference(target, prompt, MAX_TOKENS) for prompt in PROMPTS]
+
+
+def make_engine(target, drafter, num_speculative_tokens: int, max_batch_size: int = 8) -> SpeculativeEngine:
+    runner = CausalLMRunner(target, PAD_TOKEN_ID, capture_layers=[target.config.num_hidden_layers - 1])
+    return SpeculativeEngine(TargetVerifier(runner), drafter, StopRules(set(), 256, None), num_speculative_tokens,
+                             max_batch_size)
+
+
+def run(engine: SpeculativeEngine, prompts, max_tokens: int = MAX_TOKENS):
+    return engine.generate([GenerationRequest(prompt, SamplingParams(), max_tokens) for prompt in prompts])
+
+
+@pytest.mark.parametrize("num_speculative_tokens", [1, 2, 3, 4])
+def test_greedy_identity_ragged_batch(mtp_target, references, num_speculative_tokens):
+    _, target, mtp = mtp_target
+    drafter = MTPDrafter(mtp, target, num_speculative_tokens, PAD_TOKEN_ID)
+    seqs = run(make_engine(target, drafter, num_speculative_tokens), PROMPTS)
+    for prompt, seq, expected in zip(PROMPTS, seqs, references):
+        assert seq.output_token_ids == expected, mismatch_report(target, prompt, seq.output_token_ids, expected)
+    assert all(seq.stats.num_draft_tokens > 0 for seq in seqs)  # every sequence really drafted
+
+
+def test_continuous_batching_identity(mtp_target, references):
+    """Fewer slots than prompts: sequences join and leave while others draft (narrowed MTP forwards)."""
+    _, target, mtp = mtp_target
+    seqs = run(make_engine(target, MTPDrafter(mtp, target, 3, PAD_TOKEN_ID), 3, max_batch_size=2), PROMPTS)
+    assert [seq.output_token_ids for seq in seqs] == references
+
+
+class Recording(MTPDrafter):
+    """Keeps (committed tokens, drafts) of every proposal."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.proposals: list[tuple[list[int], list[int]]] = []
+
+    def propose(self, seqs, max_draft_tokens, time_budget_s=None):
+        proposal = super().propose(seqs, max_draft_tokens, time_budget_s)
+        self.proposals.extend((list(seq.token_ids), proposal.drafts(row)) for row, seq in enumerate(seqs))
+        return proposal
+
+
+@torch.no_grad()
+def plain_mtp_drafts(target, checkpoint: dict[str, torch.Tensor], tokens: list[int], num_drafts: int) -> list[int]:
+    """Greedy MTP drafts after `tokens`, written out from the checkpoint's tensors with no cache:
+    entry i = eh_proj(cat(enorm(emb(t_{i+1})), hnorm(h_i))) through the block (causal, all
+    entries recomputed each time), shared_head.norm, lm_head; the chain feeds its own output state."""
+    layer = "model.layers.2."
+    hidden_states = target(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states[-1][0]  # [n-1, H]
+    block = AutoModelForCausalLM.from_config(_block_config(target)).model.layers[0]
+    missing, _ = block.load_state_dict(
+        {name.removeprefix(layer): tensor for name, tensor in checkpoint.items()
+         if name.startswith(layer) and name.split(".")[3] not in ("enorm", "hnorm", "eh_proj", "shared_head")},
+        strict=False)
+    assert sorted(missing) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"], missing
+    _fuse_experts(block, checkpoint, layer)
+    rotary = target.model.rotary_emb
+
+    def rms(x, name):
+        return checkpoint[layer + name] * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + target.config.rms_norm_eps)
+
+    next_tokens, states, drafts = list(tokens[1:]), list(hidden_states), []
+    for _ in range(num_drafts):
+        embeds = target.model.embed_tokens(torch.tensor([next_tokens]))[0]  # [m, H]
+        inputs = torch.cat([rms(embeds, "enorm.weight"), rms(torch.stack(states), "hnorm.weight")], -1)
+        x = (inputs @ checkpoint[layer + "eh_proj.weight"].T)[None]  # [1, m, H]
+        positions = torch.arange(x.shape[1])[None]
+        out = rms(block(x, position_embeddings=rotary(x, positions), position_ids=positions)[0],
+                  "shared_head.norm.weight")  # [m, H]
+        draft = int(target.lm_head(out[-1]).argmax())
+        drafts.append(draft)
+        next_tokens.append(draft)
+        states.append(out[-1])
+    return drafts
+
+
+def _block_config(target):
+    fields = {**target.config.to_dict(), "num_hidden_layers": 1, "first_k_dense_replace": 0}
+    return type(target.config)(**fields)
+
+
+def _fuse_experts(block, checkpoint: dict[str, torch.Tensor], layer: str) -> None:
+    """Per-expert checkpoint tensors into transformers' fused expert parameters."""
+    experts = block.mlp.experts
+    count = experts.gate_up_proj.shape[0]
+    with torch.no_grad():
+        for e in range(count):
+            name = f"{layer}mlp.experts.{e}."
+            experts.gate_up_proj[e] = torch.cat([checkpoint[name + "gate_proj.weight"], checkpoint[name + "up_proj.weight"]])
+            experts.down_proj[e] = checkpoint[name + "down_proj.weight"]
+    block.mlp.gate.e_score_correction_bias.copy_(checkpoint[f"{layer}mlp.gate.e_score_correction_bias"])
+
+
+def test_drafts_equal_plain_mtp_forward(mtp_target):
+    """Every proposal (first draft and chained ones) is what the checkpoint's MTP layer says."""
+    directory, target, mtp = mtp_target
+    drafter = Recording(mtp, target, 3, PAD_TOKEN_ID)
+    run(make_engine(target, drafter, 3), PROMPTS[:3], max_tokens=12)
+    checkpoint = load_file(directory / "model.safetensors")
+    assert len(drafter.proposals) > 10
+    for tokens, drafts in drafter.proposals:
+        assert drafts == plain_mtp_drafts(target, checkpoint, tokens, len(drafts)), tokens
+
+
+def test_target_without_mtp_layer_is_refused(tmp_path, mtp_target):
+    _, target, _ = mtp_target
+    target.save_pretrained(tmp_path)  # only the 2 decoder layers are saved
+    save_tokenizer(tmp_path, VOCAB_SIZE)
+    with pytest.raises(ModelLoadError, match="has no MTP layer"):
+        load_models(EngineConfig(target=tmp_path, drafter="mtp"))
+
+
+def test_engine_from_config(mtp_target, references):
+    directory, _, _ = mtp_target
+    config = EngineConfig(target=directory, drafter="mtp", num_speculative_tokens=2, max_batch_size=8)
+    seqs = run(build_engine(config, load_models(config)), PROMPTS)
+    assert [seq.output_token_ids for seq in seqs] == references
