@@ -30,7 +30,7 @@ class LoadedModels:
     draft: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
     dspark: DSparkModel | None = None  # drafter 'dspark' (borrows the target's embeddings and lm_head)
-    mtp: object | None = None  # drafter 'mtp': the target's MTP module (transformers' MtpModel)
+    mtp: PreTrainedModel | None = None  # drafter 'mtp': the target's MTP module (transformers' MtpModel)
 
 
 def load_models(config: EngineConfig) -> LoadedModels:

@@ -6,11 +6,10 @@ written here, and the error for a target without one."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dspark_ray.config import EngineConfig
@@ -24,36 +23,10 @@ from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import TargetVerifier
 from harness import mismatch_report
-from tiny_models import PAD_TOKEN_ID, VOCAB_SIZE, greedy_reference, save_tokenizer, target_config
+from tiny_models import PAD_TOKEN_ID, VOCAB_SIZE, build_mtp_target, greedy_reference, save_tokenizer
 
 PROMPTS = [[5, 9, 13, 2, 7], [3, 3], list(range(10, 40)), [44], [7, 100, 21, 8, 8, 150, 2, 66, 1]]
 MAX_TOKENS = 24
-
-
-def build_mtp_target(directory: Path, seed: int = 0) -> None:
-    """A 2-layer DeepSeek-V3 target plus its MTP layer: a 3-layer model saved, its layer 2 kept in
-    the checkpoint as the MTP block (MoE, like V3's layer 61), the MTP-only tensors added, and the
-    config cut to 2 layers with `num_nextn_predict_layers: 1`."""
-    config = target_config("deepseek_v3")
-    config.num_hidden_layers = 3
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
-    tensors = load_file(directory / "model.safetensors")
-    hidden = config.hidden_size
-    generator = torch.Generator().manual_seed(seed + 1)
-    extra = {
-        "enorm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
-        "hnorm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
-        "eh_proj.weight": 0.2 * torch.randn(hidden, 2 * hidden, generator=generator),
-        "shared_head.norm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
-    }
-    tensors.update({f"model.layers.2.{name}": tensor for name, tensor in extra.items()})
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    fields = json.loads((directory / "config.json").read_text())
-    fields.update(num_hidden_layers=2, num_nextn_predict_layers=1)
-    (directory / "config.json").write_text(json.dumps(fields))
-    save_tokenizer(directory, VOCAB_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +158,41 @@ def test_engine_from_config(mtp_target, references):
     config = EngineConfig(target=directory, drafter="mtp", num_speculative_tokens=2, max_batch_size=8)
     seqs = run(build_engine(config, load_models(config)), PROMPTS)
     assert [seq.output_token_ids for seq in seqs] == references
+
+
+def test_sampled_drafts_are_seeded_and_carry_their_distributions(mtp_target):
+    """Sampled rows draw their drafts from their own generators: the same seeds give the same
+    output whatever runs beside them (speculative sampling verifies the drafts' distributions)."""
+    _, target, mtp = mtp_target
+    sampling = [SamplingParams(temperature=0.8, seed=seed) for seed in range(3)]
+
+    def sample(prompts, params):
+        drafter = Recording(mtp, target, 3, PAD_TOKEN_ID)
+        engine = make_engine(target, drafter, 3)
+        seqs = engine.generate([GenerationRequest(p, s, 16) for p, s in zip(prompts, params)])
+        return [seq.output_token_ids for seq in seqs], seqs
+
+    together, seqs = sample(PROMPTS[:3], sampling)
+    alone = [sample([prompt], [params])[0][0] for prompt, params in zip(PROMPTS[:3], sampling)]
+    assert together == alone
+    assert all(seq.stats.num_draft_tokens > 0 for seq in seqs)
+
+
+def test_bench_offline_has_an_mtp_row(mtp_target, tmp_path):
+    from dspark_ray.bench.offline import main
+
+    directory, _, _ = mtp_target
+    out = tmp_path / "offline.json"
+    assert main(["--target", str(directory), "--device", "cpu", "--num-prompts", "1", "--max-tokens", "6",
+                 "--repetitions", "1", "--threads", "1", "--out", str(out)]) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["engine_mtp"]["identical_to_hf_greedy"] and rows["engine_mtp"]["runs"][0]["num_tokens"] == 6
+
+
+def test_deepseek_v4_is_refused_with_the_reason(tmp_path):
+    from transformers import DeepseekV4Config
+
+    config = DeepseekV4Config(vocab_size=VOCAB_SIZE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    target = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ModelLoadError, match="DeepSeek-V4's MTP layer"):
+        load_mtp(target, tmp_path)

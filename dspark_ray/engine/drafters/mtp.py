@@ -22,8 +22,9 @@ the chain, and rolls back to positions 0..n-3, keeping h_{n-2} waiting: the entr
 queries again, so chained entries (built from the MTP's own guesses) and rejected drafts never stay.
 
 A sequence whose states are incomplete (the verifier captured none) gets no drafts: the target
-alone decodes it. The drafter does not know DeepSeek-V4: its MTP block is a V4 layer (hyper-
-connections, compressed attention) that this engine does not run yet.
+alone decodes it. DeepSeek-V4 is refused: its MTP block (`mtp.*`) is a V4 decoder layer (hyper-
+connection streams, compressed attention) that transformers' `MtpModel` does not build (5.25) and
+whose caches this engine cannot roll back yet.
 """
 
 from __future__ import annotations
@@ -56,23 +57,28 @@ def load_mtp(target: PreTrainedModel, directory: Path | str):
     except ImportError as error:
         raise ModelLoadError("drafter 'mtp' needs transformers with MTP support (5.25 or newer)") from error
     directory, config = Path(directory), target.config
+    if config.model_type == "deepseek_v4":
+        raise ModelLoadError(
+            f"{directory}: DeepSeek-V4's MTP layer (its mtp.* tensors) is a V4 decoder layer (hyper-connection "
+            "streams, compressed attention) that transformers' MtpModel does not build and drafter 'mtp' does not run yet")
     first = config.num_hidden_layers
     prefix = f"model.layers.{first}."
     if not getattr(config, "num_mtp_layers", 0) or not any(key.startswith(prefix) for key in checkpoint_files(directory)):
+        # (transformers defaults num_nextn_predict_layers to 1: the checkpoint is what tells)
         raise ModelLoadError(
-            f"{directory}: the target has no MTP layer (num_nextn_predict_layers "
-            f"{getattr(config, 'num_mtp_layers', 0)}, no {prefix}* tensors in its checkpoint); drafter 'mtp' "
+            f"{directory}: the target has no MTP layer (no {prefix}* tensors in its checkpoint); drafter 'mtp' "
             "needs a DeepSeek-V3-style checkpoint that ships its next-token-prediction layer")
     # MtpModel finds the MTP tensors by the target class's ignored-key patterns, which name V3's
     # layer 61 only; for other depths, name layer `num_hidden_layers` on this instance while loading.
-    target._keys_to_ignore_on_load_unexpected = [*type(target)._keys_to_ignore_on_load_unexpected,
+    target._keys_to_ignore_on_load_unexpected = [*(type(target)._keys_to_ignore_on_load_unexpected or []),
                                                  rf"model\.layers\.{first}\."]
     try:
         mtp = MtpModel.from_pretrained(target)
     finally:
         del target._keys_to_ignore_on_load_unexpected
-    device = target.get_input_embeddings().weight.device
-    return mtp.to(device).eval()
+    mtp.rotary_emb = None  # the target's (on the meta device in a hollow target): MTPDrafter builds its own
+    embeddings = target.get_input_embeddings().weight
+    return mtp.to(device=embeddings.device, dtype=embeddings.dtype).eval()
 
 
 class MTPDrafter:
