@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from dspark_ray.core.sampling import SamplingTensors, sample_from_probs
+from dspark_ray.core.sampling import SamplingTensors
 from dspark_ray.dspark.pending_features import PendingFeatures
 from dspark_ray.dspark.target_parts_loader import checkpoint_files
-from dspark_ray.engine.drafters.base import DraftProbsTransform, DraftProposal, TargetFeatures, draft_distributions
+from dspark_ray.engine.drafters.base import (DraftProbsTransform, DraftProposal, TargetFeatures, choose_drafts,
+                                               propose_ready)
 from dspark_ray.engine.kv_cache import BatchKVCache
 from dspark_ray.engine.loading import ModelLoadError, context_limit
 from dspark_ray.engine.sequence import Sequence
@@ -129,9 +130,8 @@ class MTPDrafter:
     def _extend(self, seqs: list[Sequence], target_features: TargetFeatures | None) -> None:
         """Keep the states of newly cached target positions, then cut to the target's cache:
         positions 0..n-2 of n committed tokens, the last of them waiting."""
+        self.pending.append_captured(target_features, [seq.seq_id for seq in seqs])
         for seq in seqs:
-            if target_features and seq.seq_id in target_features:
-                self.pending.append(seq.seq_id, target_features[seq.seq_id])
             self._truncate(seq.seq_id, seq.num_tokens - 1)
 
     def _truncate(self, seq_id: int, num_positions: int) -> None:
@@ -155,18 +155,15 @@ class MTPDrafter:
     @torch.no_grad()
     def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
                 ) -> DraftProposal:  # a few forwards of one layer: no time budget
-        budgets = [min(limit, self.max_draft_tokens) if self._ready(seq) else 0
-                   for seq, limit in zip(seqs, max_draft_tokens)]
-        rows = [row for row, budget in enumerate(budgets) if budget > 0]
-        if not rows:
-            return DraftProposal.empty(len(seqs))
-        active = [seqs[row] for row in rows]
-        proposal = self._draft(active, [budgets[row] for row in rows])
-        for seq in active:
+        return propose_ready(seqs, max_draft_tokens, self.max_draft_tokens, self._ready, self._draft_and_roll_back)
+
+    def _draft_and_roll_back(self, seqs: list[Sequence], budgets: list[int]) -> DraftProposal:
+        proposal = self._draft(seqs, budgets)
+        for seq in seqs:
             self._roll_back(seq)
         if self.cache.needs_compaction():
             self.cache.compact()
-        return proposal.scatter(rows, len(seqs))
+        return proposal
 
     def _draft(self, seqs: list[Sequence], budgets: list[int]) -> DraftProposal:
         cache_rows = [self.seq_ids.index(seq.seq_id) for seq in seqs]
@@ -184,14 +181,9 @@ class MTPDrafter:
             last = self._forward(cache, feeds, hidden)  # [b, H]
             for k in range(width):
                 logits = self.mtp.shared_head(last).float()  # [b, V]
-                chosen = logits.argmax(dim=-1)  # [b]
-                if any_sampled:
-                    probs = draft_distributions(logits, sampling, self.draft_probs_transform)  # [b, V]
+                chosen, probs = choose_drafts(logits, sampling, seqs, budgets, k, self.draft_probs_transform)
+                if probs is not None:
                     draft_probs[:, k] = probs.cpu()
-                    for row, seq in enumerate(seqs):
-                        # Only rows still drafting draw, so a sequence's RNG never depends on its neighbours.
-                        if not seq.request.sampling.is_greedy and k < budgets[row]:
-                            chosen[row] = sample_from_probs(probs[row : row + 1], [seq.generator])[0]
                 tokens[:, k] = chosen.cpu()
                 if k + 1 < width:
                     last = self._forward(cache, [[token] for token in tokens[:, k].tolist()], list(last[:, None]))
