@@ -196,3 +196,54 @@ def test_deepseek_v4_is_refused_with_the_reason(tmp_path):
     target = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ModelLoadError, match="DeepSeek-V4's MTP layer"):
         load_mtp(target, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def small_mtp(tmp_path_factory):
+    """A 16-token DeepSeek-V3 target with an MTP layer, its MTP module, and its exact sampling laws."""
+    from test_sampling_lossless import NUM_POSITIONS, PROMPT, SAMPLINGS, target_alone_laws
+
+    directory = tmp_path_factory.mktemp("small-mtp")
+    build_mtp_target(directory, vocab_size=16, max_position_embeddings=64, initializer_range=0.3)
+    target = load_causal_lm(directory)
+    laws = target_alone_laws(target, PROMPT, SAMPLINGS["temperature-1"], NUM_POSITIONS)
+    return target, load_mtp(target, directory), laws
+
+
+def sample_with_mtp(small_mtp, seed_base: int) -> tuple[torch.Tensor, float]:
+    from test_sampling_lossless import NUM_POSITIONS, NUM_SAMPLES, PROMPT, SAMPLINGS
+
+    target, mtp, _ = small_mtp
+    engine = make_engine(target, MTPDrafter(mtp, target, 3, PAD_TOKEN_ID), 3, max_batch_size=500)
+    params = vars(SAMPLINGS["temperature-1"])
+    seqs = engine.generate([GenerationRequest(PROMPT, SamplingParams(**{**params, "seed": seed_base + i}), NUM_POSITIONS)
+                            for i in range(NUM_SAMPLES)])
+    acceptance = sum(seq.stats.num_accepted_tokens for seq in seqs) / max(1, sum(seq.stats.num_draft_tokens for seq in seqs))
+    return torch.tensor([seq.output_token_ids for seq in seqs]), acceptance
+
+
+@pytest.mark.slow
+def test_sampled_output_distribution_equals_target_alone(small_mtp):
+    """tests/engine/test_sampling_lossless.py's chi-square test, with MTP drafts."""
+    from test_sampling_lossless import ALPHA, observed_counts, p_values
+
+    outputs, acceptance = sample_with_mtp(small_mtp, seed_base=900_000)
+    laws = small_mtp[2]
+    for position, law in enumerate(laws):
+        assert int(observed_counts(outputs, position)[law == 0].sum()) == 0, position
+    p = p_values(outputs, laws)
+    assert min(p) > ALPHA, f"p-values at positions 0..3: {p}"
+    # random MTP weights: about one draft in ten accepted, hundreds over the run: every branch of the rule ran
+    assert 0.05 < acceptance < 0.9, acceptance
+
+
+@pytest.mark.slow
+def test_sampling_negative_control_is_rejected(small_mtp, monkeypatch):
+    """A lossy rule (recovered token from target_probs, not the residual) fails the same test."""
+    from dspark_ray.core import verification
+    from test_sampling_lossless import p_values
+
+    monkeypatch.setattr(verification, "recovered_probs", lambda draft_probs, target_probs: target_probs)
+    outputs, _ = sample_with_mtp(small_mtp, seed_base=7_000_000)
+    p = p_values(outputs, small_mtp[2])
+    assert min(p[1:]) < 1e-4, f"p-values at positions 0..3: {p}"  # a drafted position gives it away

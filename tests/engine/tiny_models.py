@@ -125,11 +125,11 @@ def save_tokenizer(directory: Path, vocab_size: int, eos_token_id: int | None = 
     fast.save_pretrained(directory)
 
 
-def build_mtp_target(directory: Path, seed: int = 0) -> None:
+def build_mtp_target(directory: Path, seed: int = 0, **config_overrides) -> None:
     """A 2-layer DeepSeek-V3 target plus its MTP layer: a 3-layer model saved, its layer 2 kept in
     the checkpoint as the MTP block (MoE, like V3's layer 61), the MTP-only tensors added, and the
     config cut to 2 layers with `num_nextn_predict_layers: 1`."""
-    config = target_config("deepseek_v3")
+    config = target_config("deepseek_v3", **config_overrides)
     config.num_hidden_layers = 3
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -148,7 +148,7 @@ def build_mtp_target(directory: Path, seed: int = 0) -> None:
     fields = json.loads((directory / "config.json").read_text())
     fields.update(num_hidden_layers=2, num_nextn_predict_layers=1)
     (directory / "config.json").write_text(json.dumps(fields))
-    save_tokenizer(directory, VOCAB_SIZE)
+    save_tokenizer(directory, config.vocab_size)
 
 
 @dataclass(frozen=True)
