@@ -31,7 +31,8 @@ class EngineConfig(FrozenModel):
     draft: Path | None = Field(
         DEFAULT_DRAFT_DIR,
         description=("Draft directory: the draft LM's HF directory for drafter 'model', a DSpark drafter "
-                     "directory for drafter 'dspark' (default: the bundled DSpark drafter)."),
+                     "directory for drafter 'dspark' (default: the bundled DSpark drafter), the checkpoint holding "
+                     "the target's MTP layer for drafter 'mtp' (default: the target's own)."),
     )
     drafter: DrafterKind = Field(
         "model",
@@ -132,6 +133,8 @@ class EngineConfig(FrozenModel):
     def _default_dspark_dir(cls, fields):
         if isinstance(fields, dict) and fields.get("drafter") == "dspark" and fields.get("draft") is None:
             return {**fields, "draft": DEFAULT_DSPARK_DIR}
+        if isinstance(fields, dict) and fields.get("drafter") == "mtp" and fields.get("draft") is None:
+            return {**fields, "draft": fields.get("target", DEFAULT_TARGET_DIR)}  # the MTP layer it ships
         return fields
 
     @model_validator(mode="after")

@@ -40,7 +40,7 @@ def load_models(config: EngineConfig) -> LoadedModels:
         draft = load_causal_lm(config.draft, config.dtype, config.device)
         check_shared_vocabulary(target, draft)
     dspark = load_dspark(config.draft, target, config.dtype) if config.drafter == "dspark" else None
-    mtp = load_mtp(target, config.target) if config.drafter == "mtp" else None
+    mtp = load_mtp(target, config.draft) if config.drafter == "mtp" else None
     return LoadedModels(target, draft, load_tokenizer(config.target), dspark, mtp)
 
 

@@ -51,8 +51,9 @@ def capture_layer(target_config) -> int:
 
 
 def load_mtp(target: PreTrainedModel, directory: Path | str):
-    """The target's first MTP module, read from its checkpoint in `directory` (a loaded target or
-    `load_hollow_target`'s). Raises `ModelLoadError` if the checkpoint holds none."""
+    """The target's first MTP module (`target`: a loaded target or `load_hollow_target`'s), read
+    from the checkpoint in `directory`: the target's own, or one holding just its MTP tensors
+    (`deepspec train-mtp`). Raises `ModelLoadError` if the checkpoint holds none."""
     try:
         from transformers.modeling_layers import MtpModel
     except ImportError as error:
@@ -69,14 +70,17 @@ def load_mtp(target: PreTrainedModel, directory: Path | str):
         raise ModelLoadError(
             f"{directory}: the target has no MTP layer (no {prefix}* tensors in its checkpoint); drafter 'mtp' "
             "needs a DeepSeek-V3-style checkpoint that ships its next-token-prediction layer")
-    # MtpModel finds the MTP tensors by the target class's ignored-key patterns, which name V3's
-    # layer 61 only; for other depths, name layer `num_hidden_layers` on this instance while loading.
+    # MtpModel reads the checkpoint the target came from and finds the MTP tensors by the target
+    # class's ignored-key patterns, which name V3's layer 61 only: point both at what is wanted on
+    # this instance while loading.
     target._keys_to_ignore_on_load_unexpected = [*(type(target)._keys_to_ignore_on_load_unexpected or []),
                                                  rf"model\.layers\.{first}\."]
+    source, target.config.name_or_path = target.config.name_or_path, str(directory)
     try:
         mtp = MtpModel.from_pretrained(target)
     finally:
         del target._keys_to_ignore_on_load_unexpected
+        target.config.name_or_path = source
     mtp.rotary_emb = None  # the target's (on the meta device in a hollow target): MTPDrafter builds its own
     embeddings = target.get_input_embeddings().weight
     return mtp.to(device=embeddings.device, dtype=embeddings.dtype).eval()

@@ -61,7 +61,7 @@ def _base_drafter(config: EngineConfig, max_support: int) -> Drafter:
     if config.drafter == "mtp":  # the target's MTP layer, fed the target's last-layer states like DSpark
         hollow_target = load_hollow_target(config.target, config.dtype, config.device)
         pad_token_id = load_tokenizer(config.target).pad_token_id or 0
-        return MTPDrafter(load_mtp(hollow_target, config.target), hollow_target, config.num_speculative_tokens,
+        return MTPDrafter(load_mtp(hollow_target, config.draft), hollow_target, config.num_speculative_tokens,
                           pad_token_id, draft_probs_transform=on_grid)
     if config.drafter == "ngram":  # one-hot distributions are on the grid already
         vocab_size = AutoConfig.from_pretrained(config.target, local_files_only=True).vocab_size
