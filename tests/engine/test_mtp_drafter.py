@@ -247,3 +247,30 @@ def test_sampling_negative_control_is_rejected(small_mtp, monkeypatch):
     outputs, _ = sample_with_mtp(small_mtp, seed_base=7_000_000)
     p = p_values(outputs, small_mtp[2])
     assert min(p[1:]) < 1e-4, f"p-values at positions 0..3: {p}"  # a drafted position gives it away
+
+
+def test_an_undone_step_leaves_no_trace(mtp_target, references, monkeypatch):
+    """A step that fails after the MTP drafted (in the verification rule, once) is undone and
+    stepped again in halves: every output is still the target's, and every later proposal is still
+    what the checkpoint's MTP layer says after the committed tokens."""
+    from dspark_ray.engine import verifier as verifier_module
+
+    directory, target, mtp = mtp_target
+    verify, fired = verifier_module._verify, []
+
+    def failing_once(seqs, proposal, logits):
+        if not fired and any(len(seq.output_token_ids) >= 8 for seq in seqs) and proposal.draft_token_ids.numel():
+            fired.append(len(drafter.proposals))
+            raise RuntimeError("a transient fault")
+        return verify(seqs, proposal, logits)
+
+    monkeypatch.setattr(verifier_module, "_verify", failing_once)
+    drafter = Recording(mtp, target, 3, PAD_TOKEN_ID)
+    seqs = run(make_engine(target, drafter, 3), PROMPTS)
+    assert len(fired) == 1
+    assert [seq.output_token_ids for seq in seqs] == references
+    checkpoint = load_file(directory / "model.safetensors")
+    later = [(tokens, drafts) for tokens, drafts in drafter.proposals[fired[0]:] if drafts]
+    assert len(later) >= len(PROMPTS)
+    for tokens, drafts in later:
+        assert drafts == plain_mtp_drafts(target, checkpoint, tokens, len(drafts)), tokens
