@@ -121,7 +121,8 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     target = load_causal_lm(args.target).requires_grad_(False)
     if target.config.model_type != "deepseek_v3":
-        raise ModelLoadError(f"{args.target}: train-mtp writes DeepSeek-V3's MTP layout, not {target.config.model_type}'s")
+        raise ModelLoadError(f"{args.target}: train-mtp writes DeepSeek-V3's MTP layout, "
+                             f"not {target.config.model_type}'s")
     mtp = initial_mtp(target)
     rotary = type(target.get_decoder().rotary_emb)(config=target.config)
     target_pass = TargetPass(target, [target.config.num_hidden_layers - 1])

@@ -33,7 +33,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from dspark_ray.core.sampling import SamplingTensors
 from dspark_ray.dspark.pending_features import PendingFeatures
@@ -45,12 +45,12 @@ from dspark_ray.engine.loading import ModelLoadError, context_limit
 from dspark_ray.engine.sequence import Sequence
 
 
-def capture_layer(target_config) -> int:
+def capture_layer(target_config: PretrainedConfig) -> int:
     """The target layer whose output (before the final norm) the MTP drafter is fed."""
     return target_config.num_hidden_layers - 1
 
 
-def load_mtp(target: PreTrainedModel, directory: Path | str):
+def load_mtp(target: PreTrainedModel, directory: Path | str) -> PreTrainedModel:
     """The target's first MTP module (`target`: a loaded target or `load_hollow_target`'s), read
     from the checkpoint in `directory`: the target's own, or one holding just its MTP tensors
     (`deepspec train-mtp`). Raises `ModelLoadError` if the checkpoint holds none."""
@@ -62,10 +62,12 @@ def load_mtp(target: PreTrainedModel, directory: Path | str):
     if config.model_type == "deepseek_v4":
         raise ModelLoadError(
             f"{directory}: DeepSeek-V4's MTP layer (its mtp.* tensors) is a V4 decoder layer (hyper-connection "
-            "streams, compressed attention) that transformers' MtpModel does not build and drafter 'mtp' does not run yet")
+            "streams, compressed attention) that transformers' MtpModel does not build and drafter 'mtp' "
+            "does not run yet")
     first = config.num_hidden_layers
     prefix = f"model.layers.{first}."
-    if not getattr(config, "num_mtp_layers", 0) or not any(key.startswith(prefix) for key in checkpoint_files(directory)):
+    shipped = any(key.startswith(prefix) for key in checkpoint_files(directory))
+    if not getattr(config, "num_mtp_layers", 0) or not shipped:
         # (transformers defaults num_nextn_predict_layers to 1: the checkpoint is what tells)
         raise ModelLoadError(
             f"{directory}: the target has no MTP layer (no {prefix}* tensors in its checkpoint); drafter 'mtp' "
@@ -87,8 +89,11 @@ def load_mtp(target: PreTrainedModel, directory: Path | str):
 
 
 class MTPDrafter:
-    def __init__(self, mtp, target: PreTrainedModel, num_speculative_tokens: int, pad_token_id: int = 0,
-                 draft_probs_transform: DraftProbsTransform | None = None) -> None:
+    """Drafts up to `num_speculative_tokens` per sequence with the target's MTP layer, its KV cache a
+    batch of per-sequence rows (`BatchKVCache`; the module docstring says what they hold)."""
+
+    def __init__(self, mtp: PreTrainedModel, target: PreTrainedModel, num_speculative_tokens: int,
+                 pad_token_id: int = 0, draft_probs_transform: DraftProbsTransform | None = None) -> None:
         """`mtp`: `load_mtp(target, ...)`; `target` lends its final norm and rotary settings (a hollow
         target will do)."""
         self.mtp = mtp
@@ -212,7 +217,8 @@ class MTPDrafter:
         states `hidden[b]` `[T_b, H]`; returns the output state after each row's last entry. # [b, H]"""
         inputs = cache.prepare(token_lists, self.pad_token_id, self.dtype, self.max_position)
         num_query = inputs.input_ids.shape[1]
-        states = torch.zeros(len(token_lists), num_query, self.mtp.config.hidden_size, dtype=self.dtype, device=self.device)
+        states = torch.zeros(len(token_lists), num_query, self.mtp.config.hidden_size, dtype=self.dtype,
+                             device=self.device)  # [b, T, H]
         for row, state in enumerate(hidden):  # none: a forward that feeds no row anything
             states[row, : len(state)] = state
         input_ids, position_ids = inputs.input_ids.to(self.device), inputs.position_ids.to(self.device)
