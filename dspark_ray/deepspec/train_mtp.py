@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--ce-weight", type=float, default=0.1, help="cross-entropy weight next to the KL term")
+    parser.add_argument("--time-budget-s", type=float, default=None,
+                        help="stop (annealed: the lr schedule follows the time too) and save after this many seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.set_defaults(func=run)
@@ -131,20 +133,24 @@ def train(args: argparse.Namespace) -> dict:
     trained = torch.nn.ModuleList([mtp.layers[0]])
     optimizer = make_optimizer(trained, args)
     schedule = Schedule(args.steps, args.lr, args.warmup_steps)
-    started, recent = time.perf_counter(), []
+    started, recent, budget, done = time.perf_counter(), [], args.time_budget_s, 0
     for step in tqdm(range(args.steps), desc="mtp", mininterval=2.0, dynamic_ncols=True):
+        spent = time.perf_counter() - started
+        if budget is not None and spent > budget:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step)
+            group["lr"] = schedule.lr_at(step, spent / budget if budget else 0.0)
         loss, agree = mtp_step(mtp, rotary, target_pass, sampler.next_batch(), args.ce_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         recent = (recent + [(loss.item(), agree)])[-20:]
+        done = step + 1
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(checkpoint_tensors(mtp, target.config.num_hidden_layers), args.out / "model.safetensors",
               metadata={"format": "pt"})
-    return {"steps": args.steps, "elapsed_s": round(time.perf_counter() - started, 1),
+    return {"steps": done, "elapsed_s": round(time.perf_counter() - started, 1),
             "loss_last_20": round(sum(x for x, _ in recent) / len(recent), 4),
             "argmax_agreement_last_20": round(sum(y for _, y in recent) / len(recent), 4)}
 

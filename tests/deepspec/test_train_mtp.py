@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
     append_records(root / "data" / DATA_NAME, records)
     args = argparse.Namespace(data=root / "data", out=root / "mtp", target=root / "target", steps=30, batch_size=4,
                               max_len=64, lr=3e-3, warmup_steps=3, weight_decay=0.0, grad_clip=1.0, ce_weight=0.1,
-                              seed=0, threads=1)
+                              seed=0, threads=1, time_budget_s=None)
     return root, target, train_mtp.train(args)
 
 
@@ -56,7 +56,7 @@ def test_the_written_layer_is_read_back_as_trained(trained, monkeypatch):
     monkeypatch.setattr(train_mtp, "save_file", keep)
     args = argparse.Namespace(data=root / "data", out=root / "again", target=root / "target", steps=2, batch_size=2,
                               max_len=32, lr=1e-3, warmup_steps=1, weight_decay=0.0, grad_clip=1.0, ce_weight=0.1,
-                              seed=1, threads=1)
+                              seed=1, threads=1, time_budget_s=None)
     train_mtp.train(args)
     loaded = load_mtp(target, root / "again")
     assert train_mtp.checkpoint_tensors(loaded, target.config.num_hidden_layers).keys() == captured.keys()
