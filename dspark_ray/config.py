@@ -16,7 +16,7 @@ DEFAULT_DRAFT_DIR = REFERENCE_DIR / "draft"
 DEFAULT_DSPARK_DIR = REFERENCE_DIR / "dspark"
 DEFAULT_DSPARK_PARALLEL_ONLY_DIR = REFERENCE_DIR / "dspark_parallel_only"
 
-DrafterKind = Literal["model", "dspark", "ngram", "none"]
+DrafterKind = Literal["model", "dspark", "mtp", "ngram", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -31,9 +31,14 @@ class EngineConfig(FrozenModel):
     draft: Path | None = Field(
         DEFAULT_DRAFT_DIR,
         description=("Draft directory: the draft LM's HF directory for drafter 'model', a DSpark drafter "
-                     "directory for drafter 'dspark' (default: the bundled DSpark drafter)."),
+                     "directory for drafter 'dspark' (default: the bundled DSpark drafter), the checkpoint holding "
+                     "the target's MTP layer for drafter 'mtp' (default: the target's own)."),
     )
-    drafter: DrafterKind = Field("model", description="How drafts are proposed: 'model', 'dspark', 'ngram' or 'none'.")
+    drafter: DrafterKind = Field(
+        "model",
+        description=("How drafts are proposed: 'model', 'dspark', 'mtp' (the target's own next-token-prediction "
+                     "layer, as DeepSeek-V3 checkpoints ship it), 'ngram' or 'none'."),
+    )
     num_speculative_tokens: int = Field(
         8, ge=1, le=64, description="Most draft tokens proposed per sequence and step."
     )
@@ -128,6 +133,8 @@ class EngineConfig(FrozenModel):
     def _default_dspark_dir(cls, fields):
         if isinstance(fields, dict) and fields.get("drafter") == "dspark" and fields.get("draft") is None:
             return {**fields, "draft": DEFAULT_DSPARK_DIR}
+        if isinstance(fields, dict) and fields.get("drafter") == "mtp" and fields.get("draft") is None:
+            return {**fields, "draft": fields.get("target", DEFAULT_TARGET_DIR)}  # the MTP layer it ships
         return fields
 
     @model_validator(mode="after")

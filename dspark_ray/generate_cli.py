@@ -20,9 +20,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str =
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target model directory (HF format)")
     parser.add_argument("--draft", type=Path, default=None,
                         help=f"drafter directory: the draft LM for --drafter model (default {DEFAULT_DRAFT_DIR}), a DSpark "
-                             f"drafter for --drafter dspark (default {DEFAULT_DSPARK_DIR})")
-    parser.add_argument("--drafter", choices=["model", "dspark", "ngram", "none"], default="model",
-                        help="how drafts are proposed")
+                             f"drafter for --drafter dspark (default {DEFAULT_DSPARK_DIR}), the checkpoint of the "
+                             "target's MTP layer for --drafter mtp (default: the target's own)")
+    parser.add_argument("--drafter", choices=["model", "dspark", "mtp", "ngram", "none"], default="model",
+                        help="how drafts are proposed ('mtp': the target's own MTP layer, DeepSeek-V3 checkpoints)")
     parser.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.model_fields["num_speculative_tokens"].default,
                         help="most draft tokens per sequence and step")
     parser.add_argument("--adaptive-speculation", choices=["off", "confidence", "heuristic"], default="confidence",

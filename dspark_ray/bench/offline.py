@@ -6,8 +6,10 @@ the bundled pair is the default. Rows: HF greedy `generate`; HF
 assisted generation with the draft LM, with HF's defaults and with each fixed
 `num_assistant_tokens` of `--hf-assistant-tokens` (schedule "constant", no confidence stop), the
 fastest of which is the "best fixed" baseline; the engine with no drafter, with the draft LM (the
-command's engine flags), with DSpark (its full block) and with n-gram lookup. Rows without their
-models (no draft LM, no DSpark drafter for this target) are skipped with a line saying why.
+command's engine flags), with DSpark (its full block), with an MTP layer drafting one token (MTP-1:
+the layer the target's checkpoint ships, or `--mtp DIR`'s) and with n-gram lookup. Rows without
+their models (no draft LM, no DSpark drafter, no MTP layer for this target) are skipped with a
+line saying why.
 
 Every row decodes the same prompts one at a time (batch 1, greedy); repetitions are interleaved
 across rows (reversed every other repetition) and medians reported. Each row's outputs are compared
@@ -40,7 +42,9 @@ from dspark_ray.bench.repetitions import interleaved
 from dspark_ray.config import (DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_DIR,
                                DEFAULT_TARGET_DIR, REFERENCE_DIR)
 from dspark_ray.dspark.io import load_dspark
+from dspark_ray.engine.drafters.mtp import load_mtp
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
+from dspark_ray.engine.loading import ModelLoadError
 from dspark_ray.engine.sequence import GenerationRequest
 from dspark_ray.engine.threads import configure_threads
 from dspark_ray.generate_cli import add_engine_arguments, engine_config_from_args
@@ -210,12 +214,26 @@ def draft_lm_rows(args: argparse.Namespace, pair: Pair, models: LoadedModels) ->
     return rows
 
 
+def mtp_rows(args: argparse.Namespace, pair: Pair, models: LoadedModels) -> list[Row]:
+    """engine_mtp: the target's MTP layer drafting one token a step (MTP-1, the baseline the DSpark
+    paper reports against): the one its checkpoint ships, or `--mtp DIR`'s."""
+    directory = args.mtp or pair.target
+    try:
+        mtp = load_mtp(models.target, directory)
+    except ModelLoadError as error:
+        pair.skipped.append(f"engine_mtp skipped: {error} (--mtp DIR: one trained by `deepspec train-mtp`)")
+        return []
+    config = engine_config_from_args(args, drafter="mtp", draft=directory, num_speculative_tokens=1)
+    return [engine_row("engine_mtp", config, replace(models, mtp=mtp), args.max_tokens, mtp.layers[0])]
+
+
 def build_rows(args: argparse.Namespace, pair: Pair, models: LoadedModels) -> list[Row]:
     rows = [hf_greedy_row(models, args.max_tokens),
             engine_row("engine_none", engine_config_from_args(args, drafter="none"), models, args.max_tokens)]
     if models.draft is not None:
         rows += draft_lm_rows(args, pair, models)
     rows += dspark_rows(args, pair, models)
+    rows += mtp_rows(args, pair, models)
     rows.append(engine_row("engine_ngram", engine_config_from_args(args, drafter="ngram"), models, args.max_tokens))
     return rows
 
@@ -372,6 +390,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dspark-parallel-only", type=Path, default=None,
                         help="DSpark parallel-only ablation (row engine_dspark_parallel_only; default: the bundled "
                              "one, for the bundled target only)")
+    parser.add_argument("--mtp", type=Path, default=None,
+                        help="checkpoint of an MTP layer for --target (row engine_mtp; default: the target's own, "
+                             "where it ships one)")
     parser.add_argument("--hf-assistant-tokens", type=token_counts, default=[1, 2, 4, 8, 16], metavar="K,K,...",
                         help="fixed num_assistant_tokens of the HF assisted rows hf_assisted_k<K>; the fastest is "
                              "the 'best fixed' baseline")

@@ -11,6 +11,7 @@ import importlib
 SUBCOMMANDS = (
     "dspark_ray.deepspec.prepare",
     "dspark_ray.deepspec.train",
+    "dspark_ray.deepspec.train_mtp",
     "dspark_ray.deepspec.calibrate",
     "dspark_ray.deepspec.evaluate",
 )

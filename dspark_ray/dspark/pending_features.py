@@ -4,7 +4,7 @@ The DSpark drafter keeps them until a sequence next drafts and projects them the
 proposal's rows in one batched projection: while the load-aware governor has drafting off (high
 load, where every millisecond of a step counts), keeping the context costs no projection at all,
 and a sequence that never drafts again never pays for its last tokens. Verbs: `append` (features of
-newly cached tokens), `truncate` (keep the first n pending tokens), `take` (all of them, removed).
+newly cached tokens; `append_captured` for a forward's batch), `truncate` (keep the first n pending tokens), `take` (all of them, removed).
 
 This module knows nothing about models or the engine.
 """
@@ -27,6 +27,12 @@ class PendingFeatures:
         if len(features):
             self._chunks.setdefault(seq_id, []).append(features)
             self._lengths[seq_id] = self.length(seq_id) + len(features)
+
+    def append_captured(self, captured: dict[int, torch.Tensor] | None, seq_ids: list[int]) -> None:
+        """`append` the features a forward captured (seq_id -> `[N, F]`; None: none) of `seq_ids`."""
+        for seq_id in seq_ids:
+            if captured and seq_id in captured:
+                self.append(seq_id, captured[seq_id])
 
     def truncate(self, seq_id: int, num_tokens: int) -> None:
         """Keep the first `num_tokens` (a step cuts only its own, last chunk: the rest stay as they are)."""

@@ -49,7 +49,7 @@ def load_hollow_target(directory: Path | str, dtype: str = "float32", device: st
         model = AutoModelForCausalLM.from_config(config)
     owners = _owners(model)
     wanted = {id(param): param for param in _borrowed_parameters(model)}
-    files = _checkpoint_files(directory)
+    files = checkpoint_files(directory)
     keys = {param_id: _checkpoint_key(owners[param_id], files, model.base_model_prefix, directory)
             for param_id in wanted}
     by_file: dict[str, list[int]] = defaultdict(list)
@@ -84,7 +84,7 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
     return owners
 
 
-def _checkpoint_files(directory: Path) -> dict[str, str]:
+def checkpoint_files(directory: Path) -> dict[str, str]:
     """Tensor name -> safetensors file (relative to `directory`)."""
     index = directory / SAFETENSORS_INDEX_NAME
     if index.is_file():

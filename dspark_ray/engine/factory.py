@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dspark_ray.config import EngineConfig
 from dspark_ray.dspark.io import load_dspark, read_dspark_config
@@ -12,6 +12,7 @@ from dspark_ray.dspark.model import DSparkModel
 from dspark_ray.engine.drafters.base import Drafter, NoDrafter
 from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
 from dspark_ray.engine.drafters.dspark import DSparkDrafter
+from dspark_ray.engine.drafters.mtp import MTPDrafter, capture_layer, load_mtp
 from dspark_ray.engine.drafters.ngram import NgramDrafter
 from dspark_ray.engine.drafters.scheduled import ConfidenceScheduledDrafter
 from dspark_ray.engine.engine import SpeculativeEngine
@@ -29,6 +30,7 @@ class LoadedModels:
     draft: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase
     dspark: DSparkModel | None = None  # drafter 'dspark' (borrows the target's embeddings and lm_head)
+    mtp: PreTrainedModel | None = None  # drafter 'mtp': the target's MTP module (transformers' MtpModel)
 
 
 def load_models(config: EngineConfig) -> LoadedModels:
@@ -38,7 +40,8 @@ def load_models(config: EngineConfig) -> LoadedModels:
         draft = load_causal_lm(config.draft, config.dtype, config.device)
         check_shared_vocabulary(target, draft)
     dspark = load_dspark(config.draft, target, config.dtype) if config.drafter == "dspark" else None
-    return LoadedModels(target, draft, load_tokenizer(config.target), dspark)
+    mtp = load_mtp(target, config.draft) if config.drafter == "mtp" else None
+    return LoadedModels(target, draft, load_tokenizer(config.target), dspark, mtp)
 
 
 def build_engine(config: EngineConfig, models: LoadedModels) -> SpeculativeEngine:
@@ -75,13 +78,19 @@ def build_drafter(config: EngineConfig, models: LoadedModels, pad_token_id: int)
                                  config.draft_confidence_threshold, pad_token_id)
     if config.drafter == "dspark":
         return DSparkDrafter(_require_dspark(models), config.num_speculative_tokens)
+    if config.drafter == "mtp":
+        if models.mtp is None:
+            raise ValueError("drafter 'mtp' needs the target's loaded MTP module (LoadedModels.mtp)")
+        return MTPDrafter(models.mtp, models.target, config.num_speculative_tokens, pad_token_id)
     if config.drafter == "ngram":
         return NgramDrafter(vocab_size(models.target), config.ngram_max, config.ngram_min)
     return NoDrafter()
 
 
 def capture_layers(config: EngineConfig, models: LoadedModels) -> list[int] | None:
-    """Target layers whose states the drafter needs (DSpark only); None captures nothing."""
+    """Target layers whose states the drafter needs (DSpark, MTP); None captures nothing."""
+    if config.drafter == "mtp":
+        return [capture_layer(models.target.config)]
     if config.drafter != "dspark":
         return None
     return list(_require_dspark(models).config.target_layer_ids)
@@ -89,7 +98,9 @@ def capture_layers(config: EngineConfig, models: LoadedModels) -> list[int] | No
 
 def feature_layer_ids(config: EngineConfig) -> list[int] | None:
     """`capture_layers` for a process without the drafter (a target worker): read from the DSpark
-    drafter's config file alone; None unless the drafter is 'dspark'."""
+    drafter's config file (DSpark) or the target's (MTP) alone; None for other drafters."""
+    if config.drafter == "mtp":
+        return [capture_layer(AutoConfig.from_pretrained(config.target, local_files_only=True))]
     if config.drafter != "dspark":
         return None
     return list(read_dspark_config(config.draft).target_layer_ids)

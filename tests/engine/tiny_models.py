@@ -2,7 +2,7 @@
 `dspark_ray.engine.loading.load_causal_lm`, fp32, seeded.
 
 Targets: Llama, Qwen3, Qwen3-MoE, Mixtral and DeepSeek-V3 (MLA attention, routed + shared experts),
-2 layers each; and the windowed families (`WINDOWED_ARCHITECTURES`): gpt-oss (sliding window
+2 layers each (`build_mtp_target`: the DeepSeek-V3 one with an MTP layer in its checkpoint); and the windowed families (`WINDOWED_ARCHITECTURES`): gpt-oss (sliding window
 alternating with full attention, sinks, MoE), Gemma 4 text (interleaved sliding window, per-layer
 embeddings, KV shared across layers, MoE) and Llama 4 text (chunked attention, NoPE layers with
 attention temperature, MoE), with windows and chunks of `WINDOW` tokens so that short tests cross
@@ -17,10 +17,12 @@ This module knows nothing about the engine; it only makes models, tokenizers and
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
@@ -170,6 +172,32 @@ def save_tokenizer(directory: Path, vocab_size: int, eos_token_id: int | None = 
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t1", pad_token=f"t{PAD_TOKEN_ID}",
                                    eos_token=eos)
     fast.save_pretrained(directory)
+
+
+def build_mtp_target(directory: Path, seed: int = 0, **config_overrides) -> None:
+    """A 2-layer DeepSeek-V3 target plus its MTP layer: a 3-layer model saved, its layer 2 kept in
+    the checkpoint as the MTP block (MoE, like V3's layer 61), the MTP-only tensors added, and the
+    config cut to 2 layers with `num_nextn_predict_layers: 1`."""
+    config = target_config("deepseek_v3", **config_overrides)
+    config.num_hidden_layers = 3
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    tensors = load_file(directory / "model.safetensors")
+    hidden = config.hidden_size
+    generator = torch.Generator().manual_seed(seed + 1)
+    extra = {
+        "enorm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "hnorm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
+        "eh_proj.weight": 0.2 * torch.randn(hidden, 2 * hidden, generator=generator),
+        "shared_head.norm.weight": 1 + 0.1 * torch.randn(hidden, generator=generator),
+    }
+    tensors.update({f"model.layers.2.{name}": tensor for name, tensor in extra.items()})
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    fields = json.loads((directory / "config.json").read_text())
+    fields.update(num_hidden_layers=2, num_nextn_predict_layers=1)
+    (directory / "config.json").write_text(json.dumps(fields))
+    save_tokenizer(directory, config.vocab_size)
 
 
 @dataclass(frozen=True)

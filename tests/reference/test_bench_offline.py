@@ -46,7 +46,8 @@ def test_offline_bench_without_the_serving_stack(tmp_path: Path) -> None:
     assert all(row["runs"][0]["num_tokens"] == 6 for row in rows.values())
     assert rows["hf_assisted_k1"]["mean_acceptance_length"] <= 2.0  # one drafted token: HF took the setting
     assert result["hf_assisted_best_fixed"] in {"hf_assisted_k1", "hf_assisted_k4"}
-    assert result["target_decode_ms"] > 0 and result["skipped"] == []
+    assert result["target_decode_ms"] > 0
+    assert [line.split(":")[0] for line in result["skipped"]] == ["engine_mtp skipped"]  # no MTP layer shipped
     assert all(row["efficiency"] > 0 for row in rows.values())
     assert rows["hf_assisted_k4"]["draft_ms_per_step"] > 0  # (the engine's policy may not draft in 6 tokens)
 

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from dspark_ray.core.sampling import SamplingTensors, logits_to_probs
+from dspark_ray.core.sampling import SamplingTensors, logits_to_probs, sample_from_probs
 from dspark_ray.engine.sequence import Sequence
 
 TargetFeatures = dict[int, torch.Tensor]  # seq_id -> [N, L*H] captured target states of newly cached tokens
@@ -22,6 +22,33 @@ def draft_distributions(logits: torch.Tensor, sampling: SamplingTensors,
     """What a drafting step samples from: the logits processed like the target's, then `transform`."""
     probs = logits_to_probs(logits[:, None], sampling)[:, 0]
     return probs if transform is None else transform(probs)
+
+
+def choose_drafts(logits: torch.Tensor, sampling: SamplingTensors, seqs: list[Sequence], budgets: list[int],
+                  position: int, transform: DraftProbsTransform | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The drafts at block `position` from `logits` `[b, V]`: greedy rows take the argmax; a sampled
+    row still drafting (`position < budgets[row]`) draws from its own generator (only those, so a
+    sequence's RNG never depends on its neighbours). Returns the tokens `[b]` and the distributions
+    drawn from `[b, V]` (None when no row samples)."""
+    chosen = logits.argmax(dim=-1)
+    if bool(sampling.is_greedy.all()):
+        return chosen, None
+    probs = draft_distributions(logits, sampling, transform)
+    for row, seq in enumerate(seqs):
+        if not seq.request.sampling.is_greedy and position < budgets[row]:
+            chosen[row] = sample_from_probs(probs[row : row + 1], [seq.generator])[0]
+    return chosen, probs
+
+
+def propose_ready(seqs: list[Sequence], max_draft_tokens: list[int], most: int, ready: Callable[[Sequence], bool],
+                  draft: Callable[[list[Sequence], list[int]], DraftProposal]) -> DraftProposal:
+    """`draft(rows, budgets)` for the sequences that are `ready` and may draft (up to `most` each),
+    placed back among `seqs`; the others draft nothing."""
+    budgets = [min(limit, most) if ready(seq) else 0 for seq, limit in zip(seqs, max_draft_tokens)]
+    rows = [row for row, budget in enumerate(budgets) if budget > 0]
+    if not rows:
+        return DraftProposal.empty(len(seqs))
+    return draft([seqs[row] for row in rows], [budgets[row] for row in rows]).scatter(rows, len(seqs))
 
 
 @dataclass(frozen=True)

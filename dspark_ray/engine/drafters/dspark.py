@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import torch
 
-from dspark_ray.core.sampling import SamplingTensors, sample_from_probs
+from dspark_ray.core.sampling import SamplingTensors
 from dspark_ray.dspark.context_cache import ContextCache
 from dspark_ray.dspark.model import DSparkModel
 from dspark_ray.dspark.pending_features import PendingFeatures
-from dspark_ray.engine.drafters.base import DraftProbsTransform, DraftProposal, TargetFeatures, draft_distributions
+from dspark_ray.engine.drafters.base import (DraftProbsTransform, DraftProposal, TargetFeatures, choose_drafts,
+                                               propose_ready)
 from dspark_ray.engine.sequence import Sequence
 
 
@@ -65,9 +66,8 @@ class DSparkDrafter:
         """Keep the features of newly cached tokens (projected when the sequence next drafts), then
         roll back to the committed tokens: the context holds all of them but the last (the next
         anchor)."""
+        self.pending.append_captured(target_features, [seq.seq_id for seq in seqs])
         for seq in seqs:
-            if target_features and seq.seq_id in target_features:
-                self.pending.append(seq.seq_id, target_features[seq.seq_id])
             self._truncate(seq.seq_id, seq.num_tokens - 1)
 
     def _truncate(self, seq_id: int, num_tokens: int) -> None:
@@ -105,13 +105,7 @@ class DSparkDrafter:
     @torch.no_grad()
     def propose(self, seqs: list[Sequence], max_draft_tokens: list[int], time_budget_s: float | None = None
                 ) -> DraftProposal:  # drafts in a few forwards of its own: no time budget
-        budgets = [min(limit, self.max_draft_tokens) if self._ready(seq) else 0
-                   for seq, limit in zip(seqs, max_draft_tokens)]
-        rows = [row for row, budget in enumerate(budgets) if budget > 0]
-        if not rows:
-            return DraftProposal.empty(len(seqs))
-        active = [seqs[row] for row in rows]
-        return self._draft(active, [budgets[row] for row in rows]).scatter(rows, len(seqs))
+        return propose_ready(seqs, max_draft_tokens, self.max_draft_tokens, self._ready, self._draft)
 
     def _draft(self, seqs: list[Sequence], budgets: list[int]) -> DraftProposal:
         device = self.model.mask_embedding.device
@@ -131,14 +125,9 @@ class DSparkDrafter:
         prev, state = anchors, self.model.initial_head_state(len(seqs))
         for k in range(width):  # only the cheap head runs sequentially
             logits, confidence[:, k], state = self.model.head_step(hidden[:, k], base_logits[:, k], prev, state)
-            chosen = logits.argmax(dim=-1)  # [b]
-            if any_sampled:
-                probs = draft_distributions(logits, sampling, self.draft_probs_transform)  # [b, V]
+            chosen, probs = choose_drafts(logits, sampling, seqs, budgets, k, self.draft_probs_transform)  # [b], [b, V]
+            if probs is not None:
                 draft_probs[:, k] = probs.cpu()
-                for row, seq in enumerate(seqs):
-                    # Only rows still drafting draw, so a sequence's RNG never depends on its neighbours.
-                    if not seq.request.sampling.is_greedy and k < budgets[row]:
-                        chosen[row] = sample_from_probs(probs[row : row + 1], [seq.generator])[0]
             tokens[:, k] = chosen.cpu()
             prev = chosen
         return DraftProposal(tokens, torch.tensor(budgets), draft_probs, confidence)

@@ -1,4 +1,4 @@
-"""The draft worker: one drafter (draft LM, DSpark, n-gram) and its per-sequence caches, behind gRPC.
+"""The draft worker: one drafter (draft LM, DSpark, MTP, n-gram) and its per-sequence caches, behind gRPC.
 
 A plain class; the builder wraps it with `ray.remote` and places it in the draft bundle of the
 replica's placement group (a GPU fraction, or CPU only). Each RPC converts, calls the drafter's
@@ -9,7 +9,8 @@ target verifies against is exactly what the drafts were sampled from.
 It knows nothing about the target, stop rules or other workers. The one exception is DSpark,
 which borrows the target's token embeddings and lm_head: the worker reads just those tensors from
 the target's checkpoint (`load_hollow_target`), never the target itself, and is fed the target's
-hidden states at the drafter's layers through `Add` and the feedback of `Propose` / `Sync`.
+hidden states at the drafter's layers through `Add` and the feedback of `Propose` / `Sync`. MTP
+likewise: its layer from the target's checkpoint, the final norm from the hollow target.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dspark_ray.dspark.target_parts_loader import load_hollow_target
 from dspark_ray.engine.drafters.base import Drafter
 from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
 from dspark_ray.engine.drafters.dspark import DSparkDrafter
+from dspark_ray.engine.drafters.mtp import MTPDrafter, load_mtp
 from dspark_ray.engine.drafters.ngram import NgramDrafter
 from dspark_ray.engine.factory import schedule_verification
 from dspark_ray.engine.loading import load_causal_lm, load_tokenizer
@@ -56,6 +58,11 @@ def _base_drafter(config: EngineConfig, max_support: int) -> Drafter:
         hollow_target = load_hollow_target(config.target, config.dtype, config.device)
         return DSparkDrafter(load_dspark(config.draft, hollow_target, config.dtype), config.num_speculative_tokens,
                              draft_probs_transform=on_grid)
+    if config.drafter == "mtp":  # the target's MTP layer, fed the target's last-layer states like DSpark
+        hollow_target = load_hollow_target(config.target, config.dtype, config.device)
+        pad_token_id = load_tokenizer(config.target).pad_token_id or 0
+        return MTPDrafter(load_mtp(hollow_target, config.draft), hollow_target, config.num_speculative_tokens,
+                          pad_token_id, draft_probs_transform=on_grid)
     if config.drafter == "ngram":  # one-hot distributions are on the grid already
         vocab_size = AutoConfig.from_pretrained(config.target, local_files_only=True).vocab_size
         return NgramDrafter(vocab_size, config.ngram_max, config.ngram_min)
