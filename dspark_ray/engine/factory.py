@@ -21,6 +21,9 @@ from dspark_ray.engine.loading import (check_shared_vocabulary, context_limit, l
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import TargetVerifier
+from dspark_ray.target_record import check_record
+
+DRAFT_NAMES = {"model": "the draft LM", "dspark": "the DSpark drafter"}
 
 
 @dataclass
@@ -31,7 +34,14 @@ class LoadedModels:
     dspark: DSparkModel | None = None  # drafter 'dspark' (borrows the target's embeddings and lm_head)
 
 
+def check_draft_target(config: EngineConfig) -> None:
+    """Refuse a drafter made for another target (its target.json, or a draft LM's own tokenizer)."""
+    if config.drafter in DRAFT_NAMES:
+        check_record(config.draft, config.target, DRAFT_NAMES[config.drafter])
+
+
 def load_models(config: EngineConfig) -> LoadedModels:
+    check_draft_target(config)
     target = load_causal_lm(config.target, config.dtype, config.device)
     draft = None
     if config.drafter == "model":
