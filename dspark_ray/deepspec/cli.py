@@ -13,6 +13,7 @@ SUBCOMMANDS = (
     "dspark_ray.deepspec.train",
     "dspark_ray.deepspec.calibrate",
     "dspark_ray.deepspec.evaluate",
+    "dspark_ray.deepspec.pipeline",
 )
 
 
