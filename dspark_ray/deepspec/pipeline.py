@@ -126,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         state["done"][name] = {"seconds": round(time.perf_counter() - stage_started, 1), "command": command}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
     spent = time.perf_counter() - started
-    print(f"[deepspec run] all stages done in {spent:.0f} s this run (budget {args.budget:.0f} s); "
+    over = f", {spent - args.budget:.0f} s over it: prepare, calibrate and eval are not cut to it" \
+        if spent > args.budget else ""
+    print(f"[deepspec run] all stages done in {spent:.0f} s this run (budget {args.budget:.0f} s{over}); "
           f"results in {args.out / 'eval'}", flush=True)
     return 0

@@ -269,8 +269,8 @@ def progress_bar(args: argparse.Namespace, step: int) -> tqdm:
     desc = "draft LM" if args.draft_lm else f"dspark[{args.sequential_head}]"
     if args.time_budget_s is None:
         return tqdm(total=args.steps, initial=step, desc=desc, unit="step", mininterval=2.0, dynamic_ncols=True)
-    return tqdm(total=round(args.time_budget_s), desc=f"{desc} budget", unit="s", mininterval=2.0,
-                dynamic_ncols=True)
+    return tqdm(total=round(args.time_budget_s), desc=f"{desc} budget", unit="s", mininterval=2.0, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]")
 
 
 def train(args: argparse.Namespace) -> TrainOutcome:
