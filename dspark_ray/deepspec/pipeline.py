@@ -7,9 +7,13 @@ the parallel-only ablation and a distilled draft LM; `calibrate` fits the DSpark
 temperatures on the calibration part; `eval` compares the three with target-only decoding on the
 eval part (results.json, results.md and plots in <out>/eval). Everything goes under `--out`.
 
-The budget drives training only: what is left of it after `prepare`, less a reserve for calibration
-and evaluation, is split between the three trainings (their `--time-budget-s`). `prepare` answers
-every train prompt (size the file to the time you have) and calibrate/eval run to the end.
+The budget is kept by sizing the trainings: before them, the target's decoding speed is probed on
+a few eval prompts and calibrate + eval are estimated from it and their prompt counts
+(run_budget.py); what is left of the budget after `prepare` and that reserve is split between the
+three trainings (their `--time-budget-s`). `prepare` answers every train prompt (size the file to
+the time you have) and calibrate/eval run to the end, so the run can still go over (a slower
+machine after the probe, a costlier drafter than allowed for): the last line says by how much, and
+run.json records the estimate next to what calibrate and eval took.
 `<out>/run.json` records each finished stage as it finishes; rerunning the same command skips
 those and resumes the rest (prepare by prompt id, training from its checkpoint).
 """
@@ -26,8 +30,8 @@ import time
 from pathlib import Path
 
 from dspark_ray.deepspec.records import read_prompt_file
+from dspark_ray.deepspec.run_budget import probe_seconds_per_prompt, reserve_seconds
 
-RESERVE_SHARE = 0.2  # of the budget, kept for calibrate and eval
 TRAIN_SHARES = {"dspark": 0.4, "ablation": 0.3, "draft_lm": 0.3}
 UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -98,6 +102,28 @@ def stage_commands(args: argparse.Namespace, prompts: dict[str, Path], train_bud
     }
 
 
+def reserve(args: argparse.Namespace, prompts: dict[str, Path], state: dict) -> float:
+    """Estimated seconds of calibrate + eval, probed once and kept in run.json (a rerun reuses it)."""
+    if "reserve" not in state:
+        eval_prompts = [prompt for _, prompt in read_prompt_file(prompts["eval"])]
+        per_prompt = probe_seconds_per_prompt(args.target, eval_prompts, args.max_tokens, args.threads)
+        estimate = reserve_seconds(per_prompt, args.calibration_prompts, args.eval_prompts, num_drafters=3)
+        state["reserve"] = {"probe_seconds_per_prompt": round(per_prompt, 3), "estimate_s": round(estimate, 1)}
+        print(f"[deepspec run] target decodes a prompt in {per_prompt:.2f} s at batch 1: calibrate + eval "
+              f"estimated at {estimate:.0f} s, kept out of the training budget", flush=True)
+    return state["reserve"]["estimate_s"]
+
+
+def final_line(args: argparse.Namespace, spent: float, state: dict) -> str:
+    """The closing summary: time against the budget, and the reserve estimate against what it took."""
+    tail = "" if spent <= args.budget else f", {spent - args.budget:.0f} s OVER the budget"
+    taken = [state["done"][name]["seconds"] for name in ("calibrate", "eval") if name in state["done"]]
+    if "reserve" in state and len(taken) == 2:
+        tail += f"; calibrate + eval took {sum(taken):.0f} s against {state['reserve']['estimate_s']:.0f} s estimated"
+    return f"[deepspec run] all stages done in {spent:.0f} s this run (budget {args.budget:.0f} s{tail}); " \
+           f"results in {args.out / 'eval'}"
+
+
 def run(args: argparse.Namespace) -> int:
     from dspark_ray.cli import main
 
@@ -111,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"done": {}}
     train_budget_s = None
     for name in ("prepare", "train dspark", "train ablation", "train draft LM", "calibrate", "eval"):
-        if train_budget_s is None and name.startswith("train"):  # sized once prepare is done
-            train_budget_s = max(0.0, args.budget * (1 - RESERVE_SHARE) - (time.perf_counter() - started))
+        if train_budget_s is None and name.startswith("train") and name not in state["done"]:
+            reserved = reserve(args, prompts, state)  # sized once prepare is done
+            train_budget_s = max(0.0, args.budget - reserved - (time.perf_counter() - started))
         command = stage_commands(args, prompts, train_budget_s or 0.0)[name]
         if name in state["done"]:
             print(f"[deepspec run] {name}: done in an earlier run, skipped", flush=True)
@@ -125,9 +152,5 @@ def run(args: argparse.Namespace) -> int:
             return code
         state["done"][name] = {"seconds": round(time.perf_counter() - stage_started, 1), "command": command}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
-    spent = time.perf_counter() - started
-    over = f", {spent - args.budget:.0f} s over it: prepare, calibrate and eval are not cut to it" \
-        if spent > args.budget else ""
-    print(f"[deepspec run] all stages done in {spent:.0f} s this run (budget {args.budget:.0f} s{over}); "
-          f"results in {args.out / 'eval'}", flush=True)
+    print(final_line(args, time.perf_counter() - started, state), flush=True)
     return 0
