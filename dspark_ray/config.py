@@ -10,11 +10,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dspark_ray.target_record import read_record
+
 REFERENCE_DIR = Path(__file__).parent / "assets" / "reference"
 DEFAULT_TARGET_DIR = REFERENCE_DIR / "target"
 DEFAULT_DRAFT_DIR = REFERENCE_DIR / "draft"
 DEFAULT_DSPARK_DIR = REFERENCE_DIR / "dspark"
 DEFAULT_DSPARK_PARALLEL_ONLY_DIR = REFERENCE_DIR / "dspark_parallel_only"
+BUNDLED_DRAFTS = {"model": DEFAULT_DRAFT_DIR, "dspark": DEFAULT_DSPARK_DIR}
 
 DrafterKind = Literal["model", "dspark", "mtp", "ngram", "none"]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -24,15 +27,40 @@ class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def resolve_target(target: Path | str | None, artifacts: list[Path | str | None]) -> Path:
+    """The target named, else the one the first artifact records (target.json), else the bundled one:
+    bundled defaults only when nothing names a target."""
+    if target is not None:
+        return Path(target)
+    for artifact in artifacts:
+        record = read_record(artifact)
+        if record is not None:
+            return Path(record.target)
+    return DEFAULT_TARGET_DIR
+
+
+def bundled_draft(drafter: str, target: Path) -> Path | None:
+    """The bundled drafter of this kind, only for the bundled target (it belongs to no other)."""
+    if drafter not in BUNDLED_DRAFTS:
+        return None
+    if Path(target).resolve() != DEFAULT_TARGET_DIR.resolve():
+        flag = "--draft" if drafter == "model" else "--draft (a DSpark drafter trained for it)"
+        raise ValueError(f"drafter {drafter!r} for target {target} needs {flag}: the bundled drafter belongs "
+                         "to the bundled target")
+    return BUNDLED_DRAFTS[drafter]
+
+
 class EngineConfig(FrozenModel):
     """What one engine instance loads and how it speculates."""
 
-    target: Path = Field(DEFAULT_TARGET_DIR, description="HF causal-LM directory of the target model.")
+    target: Path = Field(
+        DEFAULT_TARGET_DIR,
+        description="HF causal-LM directory of the target model (default: the one the draft records, else bundled).")
     draft: Path | None = Field(
-        DEFAULT_DRAFT_DIR,
+        None,
         description=("Draft directory: the draft LM's HF directory for drafter 'model', a DSpark drafter "
-                     "directory for drafter 'dspark' (default: the bundled DSpark drafter), the checkpoint holding "
-                     "the target's MTP layer for drafter 'mtp' (default: the target's own)."),
+                     "directory for drafter 'dspark' (default: the bundled one, for the bundled target only), the "
+                     "checkpoint holding the target's MTP layer for drafter 'mtp' (default: the target's own)."),
     )
     drafter: DrafterKind = Field(
         "model",
@@ -130,12 +158,14 @@ class EngineConfig(FrozenModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_dspark_dir(cls, fields):
-        if isinstance(fields, dict) and fields.get("drafter") == "dspark" and fields.get("draft") is None:
-            return {**fields, "draft": DEFAULT_DSPARK_DIR}
-        if isinstance(fields, dict) and fields.get("drafter") == "mtp" and fields.get("draft") is None:
-            return {**fields, "draft": fields.get("target", DEFAULT_TARGET_DIR)}  # the MTP layer it ships
-        return fields
+    def _bundled_defaults(cls, fields):
+        if not isinstance(fields, dict):
+            return fields
+        target = resolve_target(fields.get("target"), [fields.get("draft")])
+        drafter = fields.get("drafter", "model")
+        own_mtp = target if drafter == "mtp" else None  # the MTP layer the target ships
+        draft = fields.get("draft") or own_mtp or bundled_draft(drafter, target)
+        return {**fields, "target": target, "draft": draft}
 
     @model_validator(mode="after")
     def _check_drafter_inputs(self) -> "EngineConfig":

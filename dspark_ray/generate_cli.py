@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_TARGET_DIR, EngineConfig
+from dspark_ray.config import DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, EngineConfig
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
 from dspark_ray.engine.sequence import GenerationRequest, Sequence
@@ -17,11 +18,13 @@ from dspark_ray.engine.threads import configure_threads
 
 def add_engine_arguments(parser: argparse.ArgumentParser, threads_default: str = "one per CPU other processes leave idle") -> None:
     """Flags shared by every command that builds an engine."""
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target model directory (HF format)")
+    parser.add_argument("--target", type=Path, default=None,
+                        help="target model directory (HF format; default: the one --draft records, else the bundled one)")
     parser.add_argument("--draft", type=Path, default=None,
                         help=f"drafter directory: the draft LM for --drafter model (default {DEFAULT_DRAFT_DIR}), a DSpark "
-                             f"drafter for --drafter dspark (default {DEFAULT_DSPARK_DIR}), the checkpoint of the "
-                             "target's MTP layer for --drafter mtp (default: the target's own)")
+                             f"drafter for --drafter dspark (default {DEFAULT_DSPARK_DIR}); those defaults only for "
+                             "the bundled target; the checkpoint of the target's MTP layer for --drafter mtp (default: "
+                             "the target's own)")
     parser.add_argument("--drafter", choices=["model", "dspark", "mtp", "ngram", "none"], default="model",
                         help="how drafts are proposed ('mtp': the target's own MTP layer, DeepSeek-V3 checkpoints)")
     parser.add_argument("--num-speculative-tokens", type=int, default=EngineConfig.model_fields["num_speculative_tokens"].default,
@@ -65,14 +68,15 @@ def engine_config_from_args(args: argparse.Namespace, **overrides) -> EngineConf
                   load_aware_drafting=args.load_aware_drafting,
                   max_drafting_batch_size=args.max_drafting_batch_size, packed_forwards=args.packed_forwards,
                   fused_prefill=args.fused_prefill, absorbed_mla=args.absorbed_mla)
-    if args.draft is not None:  # else EngineConfig's default for the drafter kind
+    if args.draft is not None:  # else EngineConfig's default for the drafter kind (bundled target only)
         fields["draft"] = args.draft
     return EngineConfig(**{**fields, **overrides})
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate text for prompts with speculative decoding",
-                                   description="Generate completions; all prompts decode together as one batch.")
+                                   description="Generate completions; all prompts decode together as one batch, "
+                                               "each printed as soon as it finishes (--json says which prompt).")
     add_engine_arguments(parser)
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="one prompt")
@@ -112,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"dspark-ray generate: error: {error}", file=sys.stderr)
         return 2
-    for prompt, result in zip(prompts, timed_generate(engine, requests)):
-        print_result(models, prompt, result, args.json)
+    for index, result in timed_generate(engine, requests):
+        print_result(models, prompts[index], result, args.json, index)
     return 0
 
 
@@ -129,15 +133,14 @@ class TimedSequence:
         self.seq, self.elapsed_s = seq, elapsed_s
 
 
-def timed_generate(engine, requests: list[GenerationRequest]) -> list[TimedSequence]:
-    """Run requests as one batch; each one's elapsed time ends when it finishes."""
-    seqs = [engine.add_request(request) for request in requests]
-    finished_at: dict[int, float] = {}
+def timed_generate(engine, requests: list[GenerationRequest]) -> Iterator[tuple[int, TimedSequence]]:
+    """Run requests as one batch and yield (request index, result) as each one finishes; its elapsed
+    time ends then."""
+    index_of = {engine.add_request(request).seq_id: index for index, request in enumerate(requests)}
     start = time.perf_counter()
     while engine.has_unfinished():
         for seq in engine.step():
-            finished_at[seq.seq_id] = time.perf_counter() - start
-    return [TimedSequence(seq, finished_at[seq.seq_id]) for seq in seqs]
+            yield index_of[seq.seq_id], TimedSequence(seq, time.perf_counter() - start)
 
 
 def output_text(models: LoadedModels, seq: Sequence) -> str:
@@ -145,13 +148,15 @@ def output_text(models: LoadedModels, seq: Sequence) -> str:
     return text if seq.stop_text_end is None else text[: seq.stop_text_end]
 
 
-def print_result(models: LoadedModels, prompt: str, result: TimedSequence, as_json: bool) -> None:
+def print_result(models: LoadedModels, prompt: str, result: TimedSequence, as_json: bool, index: int) -> None:
+    """One finished prompt (they print in the order they finish; JSON says which prompt it was)."""
     seq, text = result.seq, output_text(models, result.seq)
     if not as_json:
-        print(prompt + text)
+        print(prompt + text, flush=True)
         return
     stats = seq.stats
     print(json.dumps({
+        "index": index,
         "prompt": prompt,
         "text": text,
         "token_ids": seq.output_token_ids,
@@ -162,4 +167,4 @@ def print_result(models: LoadedModels, prompt: str, result: TimedSequence, as_js
         "num_accepted_tokens": stats.num_accepted_tokens,
         "mean_acceptance_length": round(stats.mean_acceptance_length, 4),
         "elapsed_s": round(result.elapsed_s, 4),
-    }))
+    }), flush=True)

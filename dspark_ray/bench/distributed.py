@@ -77,10 +77,11 @@ def build_variants(args: argparse.Namespace, names: list[str]) -> dict[str, Any]
 
 def requests_for(args: argparse.Namespace) -> list:
     from dspark_ray.bench.serve import read_prompts
+    from dspark_ray.config import resolve_target
     from dspark_ray.engine.loading import load_tokenizer
     from dspark_ray.engine.sequence import GenerationRequest
 
-    tokenizer = load_tokenizer(args.target)
+    tokenizer = load_tokenizer(resolve_target(args.target, [args.draft]))
     prompts = read_prompts(args.prompts)
     return [GenerationRequest(tokenizer.encode(prompts[index % len(prompts)]), max_tokens=args.max_tokens,
                               ignore_eos=True) for index in range(args.num_requests)]

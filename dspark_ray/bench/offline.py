@@ -40,7 +40,7 @@ from tqdm import tqdm
 from dspark_ray.bench.forward_meter import ForwardMeter
 from dspark_ray.bench.repetitions import interleaved
 from dspark_ray.config import (DEFAULT_DRAFT_DIR, DEFAULT_DSPARK_DIR, DEFAULT_DSPARK_PARALLEL_ONLY_DIR,
-                               DEFAULT_TARGET_DIR, REFERENCE_DIR)
+                               DEFAULT_TARGET_DIR, REFERENCE_DIR, resolve_target)
 from dspark_ray.dspark.io import load_dspark
 from dspark_ray.engine.drafters.mtp import load_mtp
 from dspark_ray.engine.factory import LoadedModels, build_engine, load_models
@@ -178,7 +178,8 @@ def local_dir(name: Path | None) -> Path | None:
 def resolve_pair(args: argparse.Namespace) -> Pair:
     """The bundled draft LM and DSpark drafters are defaults for the bundled target only: they were
     trained for it, and another target would reject or waste them."""
-    bundled = Path(args.target).resolve() == DEFAULT_TARGET_DIR.resolve()
+    target = resolve_target(args.target, [args.draft])
+    bundled = target.resolve() == DEFAULT_TARGET_DIR.resolve()
     draft_lm = args.draft if args.draft is not None else (DEFAULT_DRAFT_DIR if bundled else None)
     dspark = {"engine_dspark": args.dspark, "engine_dspark_parallel_only": args.dspark_parallel_only}
     if bundled:
@@ -192,7 +193,7 @@ def resolve_pair(args: argparse.Namespace) -> Pair:
             flag = "--dspark" if name == "engine_dspark" else "--dspark-parallel-only"
             skipped.append(f"{name} skipped: no DSpark drafter for this target ({flag} DIR)")
     dspark = {name: Path(d) for name, d in dspark.items() if d is not None and (Path(d) / "config.json").is_file()}
-    return Pair(Path(args.target), draft_lm, dspark, skipped)
+    return Pair(target, draft_lm, dspark, skipped)
 
 
 def dspark_rows(args: argparse.Namespace, pair: Pair, models: LoadedModels) -> list[Row]:

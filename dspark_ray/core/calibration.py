@@ -10,6 +10,11 @@ length j was fully accepted", by a grid search over log T (a finer grid around t
 grid points whose ECE is within `ECE_TIE_TOLERANCE` of the best count as ties, broken by the
 binary negative log-likelihood.
 
+Calibration must not make things worse: given records held out of the fit, each T_j is kept only
+where it lowers their ECE of S_j (else T_j = 1, the identity), and if the pooled held-out ECE does
+not improve, every temperature is 1. The held-out ECE reported is on the records that made these
+keep-or-drop choices (one bit per position), not on records the whole procedure never saw.
+
 This module knows nothing about drafters, models or files on disk: it takes tensors of
 confidence logits, draft lengths and accepted counts, and returns plain dataclasses (with
 `to_dict`/`from_dict` for whoever stores them as JSON).
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,8 +32,8 @@ from torch import Tensor
 NUM_BINS = 15
 ECE_TIE_TOLERANCE = 1e-3  # ECE differences below this are noise at any realistic data size
 MIN_PAIRS_PER_POSITION = 20  # fewer records than this at a position: its temperature is carried over
-LOG_TEMPERATURE_RANGE = (-3.0, 3.0)  # T in [0.05, 20]
-COARSE_GRID_SIZE = 61
+LOG_TEMPERATURE_RANGE = (-5.0, 5.0)  # T in [0.0067, 148]
+COARSE_GRID_SIZE = 101
 FINE_GRID_SIZE = 21
 
 
@@ -172,6 +177,7 @@ class Calibration:
     num_bins: int
     fit: CalibrationReport  # on the records the temperatures were fitted on
     heldout: CalibrationReport | None = None  # on records kept out of the fit, if any
+    identity_positions: list[int] = field(default_factory=list)  # 1-based positions left at T = 1
 
     @property
     def ece_after(self) -> float:
@@ -187,11 +193,18 @@ class Calibration:
             raise ValueError(f"not a dspark-ray calibration (format {data.get('format')!r})")
         heldout = data.get("heldout")
         return cls(list(map(float, data["temperatures"])), int(data["num_bins"]), CalibrationReport(**data["fit"]),
-                   CalibrationReport(**heldout) if heldout else None)
+                   CalibrationReport(**heldout) if heldout else None, list(data.get("identity_positions", [])))
+
+    def at_grid_edge(self) -> list[int]:
+        """1-based positions whose temperature sits on the edge of the search grid."""
+        return [k + 1 for k, t in enumerate(self.temperatures)
+                if min(abs(math.log(t) - edge) for edge in LOG_TEMPERATURE_RANGE) < 1e-9]
 
 
-def fit_sequential_temperatures(records: AcceptanceRecords, num_bins: int = NUM_BINS) -> list[float]:
-    """T_1..T_K fitted left to right: T_j minimises the ECE of S_j given T_1..T_{j-1}."""
+def fit_sequential_temperatures(records: AcceptanceRecords, num_bins: int = NUM_BINS,
+                                heldout: AcceptanceRecords | None = None) -> list[float]:
+    """T_1..T_K fitted left to right: T_j minimises the ECE of S_j given T_1..T_{j-1}; with `heldout`
+    records, T_j is kept only where it lowers their ECE of S_j, else it is 1."""
     prefix_accepted, drafted = records.labels()
     logits = records.confidence_logits.double()
     temperatures: list[float] = []
@@ -204,8 +217,26 @@ def fit_sequential_temperatures(records: AcceptanceRecords, num_bins: int = NUM_
         else:
             temperatures.append(_fit_one(logits[rows, position], survival_before[rows],
                                          prefix_accepted[rows, position], num_bins))
+        if heldout is not None:
+            temperatures[-1] = _kept_on_heldout(heldout, temperatures, num_bins)
         survival_before = survival_before * torch.sigmoid(logits[:, position] / temperatures[-1])
     return temperatures
+
+
+def _kept_on_heldout(heldout: AcceptanceRecords, temperatures: list[float], num_bins: int) -> float:
+    """The last temperature if it lowers the held-out ECE of S_j (j = its position) against T_j = 1,
+    else 1; also 1 where too few held-out records reach position j to tell."""
+    position = len(temperatures) - 1
+    if position >= heldout.max_draft_tokens:
+        return 1.0
+    prefix_accepted, drafted = heldout.labels()
+    rows = drafted[:, position]
+    if int(rows.sum()) < MIN_PAIRS_PER_POSITION:
+        return 1.0
+    logits = heldout.confidence_logits[rows, : position + 1]
+    probs = torch.stack([survival_probs(logits, temperatures[:-1] + [t])[:, position] for t in (temperatures[-1], 1.0)])
+    ece = expected_calibration_error(probs, prefix_accepted[rows, position], num_bins)  # [2]
+    return temperatures[-1] if float(ece[0]) < float(ece[1]) else 1.0
 
 
 def _fit_one(logits: Tensor, survival_before: Tensor, labels: Tensor, num_bins: int) -> float:
@@ -249,11 +280,19 @@ def calibration_report(records: AcceptanceRecords, temperatures: Sequence[float]
 
 def calibrate(fit_records: AcceptanceRecords, heldout_records: AcceptanceRecords | None = None,
               num_bins: int = NUM_BINS) -> Calibration:
-    """Fit on `fit_records`; report on them and, if given, on `heldout_records`."""
+    """Fit on `fit_records`; with `heldout_records`, keep only the temperatures that lower their ECE
+    (see the module docstring) and report on both."""
     if fit_records.num_steps == 0 or not bool((fit_records.num_draft_tokens > 0).any()):
         raise ValueError("no drafted positions to calibrate on")
-    temperatures = fit_sequential_temperatures(fit_records, num_bins)
+    if heldout_records is not None and not heldout_records.num_steps:
+        heldout_records = None
+    temperatures = fit_sequential_temperatures(fit_records, num_bins, heldout_records)
     heldout = None
-    if heldout_records is not None and heldout_records.num_steps:
+    if heldout_records is not None:
         heldout = calibration_report(heldout_records, temperatures, num_bins)
-    return Calibration(temperatures, num_bins, calibration_report(fit_records, temperatures, num_bins), heldout)
+        if heldout.ece_after >= heldout.ece_before:  # no better as a whole: no scaling at all
+            temperatures = [1.0] * len(temperatures)
+            heldout = calibration_report(heldout_records, temperatures, num_bins)
+    identity = [k + 1 for k, t in enumerate(temperatures) if t == 1.0]
+    return Calibration(temperatures, num_bins, calibration_report(fit_records, temperatures, num_bins), heldout,
+                       identity)

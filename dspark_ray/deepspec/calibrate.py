@@ -5,8 +5,11 @@ The drafter runs against the target through the engine with every draft verified
 schedule, `--num-speculative-tokens`, default the drafter's block size). Each verification step
 gives, per verified draft position, the confidence logit and whether the prefix up to it was
 accepted. Prompts are split (seeded) into a fit part and a held-out part; the temperatures are
-fitted on the first, ECE is reported on both, and `calibration.json` is written into the drafter
-directory, where `--verification-schedule confidence` reads it.
+fitted on the first and kept only where they lower the held-out ECE (elsewhere 1: calibration
+never makes it worse, see core/calibration.py), ECE is reported on both, and `calibration.json` is
+written into the drafter directory, where `--verification-schedule confidence` reads it. With
+`--target-ece`, the command exits 1 when the held-out ECE misses it. The target defaults to the one
+the drafter records.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_ray.config import DEFAULT_DSPARK_DIR, DEFAULT_TARGET_DIR, EngineConfig
+from dspark_ray.config import EngineConfig
 from dspark_ray.core.calibration import NUM_BINS, Calibration, CalibrationReport, calibrate
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.deepspec.acceptance import RunOutcome, acceptance_records, run_recorded
@@ -26,14 +29,13 @@ from dspark_ray.deepspec.records import read_prompt_file
 from dspark_ray.engine.drafters.scheduled import CALIBRATION_FILE, save_calibration
 from dspark_ray.engine.sequence import GenerationRequest
 
-ECE_TARGET = 0.05
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("calibrate", help="fit the confidence temperatures of a DSpark drafter",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--draft", type=Path, default=DEFAULT_DSPARK_DIR, help="DSpark drafter directory")
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target HF directory")
+    parser.add_argument("--draft", type=Path, default=None,
+                        help="DSpark drafter directory (default: the bundled one, for the bundled target only)")
+    parser.add_argument("--target", type=Path, default=None,
+                        help="target HF directory (default: the one the drafter records)")
     parser.add_argument("--prompts", type=Path, required=True, help='held-out JSONL of {"prompt": ...}')
     parser.add_argument("--num-prompts", type=int, default=None, help="most prompts used (default: all)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
@@ -42,7 +44,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature of the runs (acceptance differs under sampling; 0 = greedy)")
     parser.add_argument("--heldout-fraction", type=float, default=0.3,
-                        help="share of prompts kept out of the fit to report held-out ECE (0: report on the fit)")
+                        help="share of prompts kept out of the fit, to check it on (> 0)")
+    parser.add_argument("--target-ece", type=float, default=None,
+                        help="exit 1 unless the held-out ECE after calibration is at most this")
     parser.add_argument("--bins", type=int, default=NUM_BINS, help="equal-width ECE bins")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
     parser.add_argument("--seed", type=int, default=0, help="prompt split and sampling seeds")
@@ -71,6 +75,14 @@ def fit_calibration(fit: RunOutcome, heldout: RunOutcome | None, num_bins: int) 
 
 def format_report(calibration: Calibration) -> str:
     lines = [f"temperatures: {' '.join(f'{t:.3f}' for t in calibration.temperatures)}"]
+    identity, edge = calibration.identity_positions, calibration.at_grid_edge()
+    if len(identity) == len(calibration.temperatures):
+        lines.append("no temperature lowered the held-out ECE: all stay 1 (the drafter's raw confidence)")
+    elif identity:
+        lines.append(f"positions {' '.join(map(str, identity))} stay at temperature 1: scaling them did not lower "
+                     "the held-out ECE")
+    if edge:
+        lines.append(f"positions {' '.join(map(str, edge))}: temperature at the edge of the search grid")
     reports: list[tuple[str, CalibrationReport]] = [("fit", calibration.fit)]
     if calibration.heldout is not None:
         reports.append(("held-out", calibration.heldout))
@@ -93,16 +105,19 @@ def run(args: argparse.Namespace) -> int:
         prompts = read_prompt_file(args.prompts)[: args.num_prompts]
         if not prompts:
             raise ValueError(f"{args.prompts} holds no prompts")
-        num_speculative_tokens = args.num_speculative_tokens or read_dspark_config(args.draft).block_size
+        fit_prompts, heldout_prompts = split_prompts(prompts, args.heldout_fraction, args.seed)
+        if not heldout_prompts:
+            raise ValueError("calibration is checked on held-out prompts: give at least 2 prompts and "
+                             "--heldout-fraction > 0")
         config = EngineConfig(target=args.target, draft=args.draft, drafter="dspark", dtype=args.dtype,
-                              device=args.device, num_speculative_tokens=num_speculative_tokens,
-                              max_batch_size=args.batch_size,
+                              device=args.device, max_batch_size=args.batch_size,
                               load_aware_drafting=False)  # every step drafts: calibration needs drafts
+        num_speculative_tokens = args.num_speculative_tokens or read_dspark_config(config.draft).block_size
+        config = config.model_copy(update={"num_speculative_tokens": num_speculative_tokens})
         models = load_models(config)
     except (ValueError, OSError) as error:
         print(f"dspark-ray deepspec calibrate: error: {error}", file=sys.stderr)
         return 2
-    fit_prompts, heldout_prompts = split_prompts(prompts, args.heldout_fraction, args.seed)
 
     def decode(part: list[tuple[str, str]], name: str) -> RunOutcome:
         requests = [GenerationRequest(models.tokenizer.encode(prompt),
@@ -112,17 +127,20 @@ def run(args: argparse.Namespace) -> int:
         return run_recorded(build_engine(config, models), requests, progress=name)
 
     fit = decode(fit_prompts, "fit prompts")
-    heldout = decode(heldout_prompts, "held-out prompts") if heldout_prompts else None
+    heldout = decode(heldout_prompts, "held-out prompts")
     try:
         calibration = fit_calibration(fit, heldout, args.bins)
     except ValueError as error:
         print(f"dspark-ray deepspec calibrate: error: {error}", file=sys.stderr)
         return 1
-    path = args.out or args.draft / CALIBRATION_FILE
+    path = args.out or config.draft / CALIBRATION_FILE
     save_calibration(calibration, path)
     print(f"prompts: {len(fit_prompts)} fit, {len(heldout_prompts)} held out; K={num_speculative_tokens}, "
           f"temperature {args.temperature}")
     print(format_report(calibration))
-    verdict = "meets" if calibration.ece_after <= ECE_TARGET else "MISSES"
-    print(f"ECE after scaling {calibration.ece_after:.4f} {verdict} the target <= {ECE_TARGET}; wrote {path}")
-    return 0
+    print(f"held-out ECE {calibration.heldout.ece_before:.4f} uncalibrated -> {calibration.ece_after:.4f}; wrote {path}")
+    if args.target_ece is None:
+        return 0
+    meets = calibration.ece_after <= args.target_ece
+    print(f"held-out ECE {calibration.ece_after:.4f} {'meets' if meets else 'MISSES'} the target <= {args.target_ece}")
+    return 0 if meets else 1

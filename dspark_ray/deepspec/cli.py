@@ -14,6 +14,7 @@ SUBCOMMANDS = (
     "dspark_ray.deepspec.train_mtp",
     "dspark_ray.deepspec.calibrate",
     "dspark_ray.deepspec.evaluate",
+    "dspark_ray.deepspec.pipeline",
 )
 
 

@@ -10,7 +10,9 @@ runs go in N rounds over all rows (interleaved) and the median wall time is kept
 also check the tokens equal target-only decoding.
 
 Outputs in `--out DIR`: results.json, results.md (the table also printed), acceptance.png,
-speedup.png and reliability_<name>.png per drafter with a confidence head.
+speedup.png and reliability_<name>.png per drafter with a confidence head. results.json and
+results.md are rewritten as each run finishes (`"complete": false` until the last one), so an
+interrupted eval keeps what it measured. The target defaults to the one the first drafter records.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from dspark_ray.config import DEFAULT_TARGET_DIR, EngineConfig
+from dspark_ray.config import EngineConfig, resolve_target
 from dspark_ray.core.calibration import NUM_BINS, expected_calibration_error, reliability_table, survival_probs
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.deepspec.acceptance import RunOutcome, acceptance_records, run_recorded, summarize
@@ -60,7 +63,8 @@ class DrafterSpec:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="compare drafters: acceptance, calibration, speedup",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target HF directory")
+    parser.add_argument("--target", type=Path, default=None,
+                        help="target HF directory (default: the one the first drafter records, else the bundled one)")
     parser.add_argument("--drafters", type=DrafterSpec.parse, nargs="+", required=True, metavar="NAME=DIR:KIND")
     parser.add_argument("--prompts", type=Path, required=True, help='held-out JSONL of {"prompt": ...}')
     parser.add_argument("--num-prompts", type=int, default=None, help="most prompts used (default: all)")
@@ -115,9 +119,11 @@ class Row:
         return f"{name} b={self.config.max_batch_size} {self.config.verification_schedule}"
 
 
-def run_rows(rows: list[Row], requests: list[GenerationRequest], repeats: int) -> None:
+def run_rows(rows: list[Row], requests: list[GenerationRequest], repeats: int,
+             on_row: Callable[[], None] = lambda: None) -> None:
     """An untimed warm-up per row, then `repeats` rounds over all rows (interleaved, so load that
-    comes and goes hits every row alike); each row keeps its wall times and its last outcome."""
+    comes and goes hits every row alike); each row keeps its wall times and its last outcome.
+    `on_row` is called after each timed run."""
     from dspark_ray.engine.factory import build_engine
 
     warmup = [GenerationRequest(requests[0].prompt_token_ids, requests[0].sampling, min(8, requests[0].max_tokens))]
@@ -128,6 +134,7 @@ def run_rows(rows: list[Row], requests: list[GenerationRequest], repeats: int) -
         for row in rows:
             row.outcome = run_recorded(build_engine(row.config, row.models), requests, progress=row.label)
             row.seconds.append(row.outcome.seconds)
+            on_row()
 
 
 def row_result(spec: DrafterSpec | None, config: EngineConfig, outcome: RunOutcome, seconds: list[float],
@@ -159,15 +166,16 @@ def row_result(spec: DrafterSpec | None, config: EngineConfig, outcome: RunOutco
     }
 
 
-def evaluate(args: argparse.Namespace) -> list[dict]:
+def evaluate(args: argparse.Namespace, on_progress: Callable[[list[dict]], None] = lambda results: None) -> list[dict]:
+    """All rows' results; `on_progress` gets the results so far after each timed run."""
     from dspark_ray.engine.factory import load_models
     from dspark_ray.engine.loading import load_tokenizer
 
+    args.target = resolve_target(args.target, [spec.directory for spec in args.drafters])
     prompts = read_prompt_file(args.prompts)[: args.num_prompts]
     if not prompts:
         raise ValueError(f"{args.prompts} holds no prompts")
     tokenizer = load_tokenizer(args.target)
-    greedy = args.temperature == 0
     requests = [GenerationRequest(tokenizer.encode(prompt), SamplingParams(temperature=args.temperature,
                                                                           seed=args.seed + index), args.max_tokens)
                 for index, (_, prompt) in enumerate(prompts)]
@@ -185,16 +193,22 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         rows += [Row(spec, drafter_config.model_copy(update={"max_batch_size": batch_size,
                                                             "verification_schedule": schedule}), models)
                  for batch_size in args.batch_sizes for schedule in schedules]
-    run_rows(rows, requests, args.repeats)
+    run_rows(rows, requests, args.repeats, lambda: on_progress(results_of(rows, args)))
+    return results_of(rows, args)
+
+
+def results_of(rows: list[Row], args: argparse.Namespace) -> list[dict]:
+    """Results of the rows run so far (target-only first: every drafter row is compared with it)."""
+    done = [row for row in rows if row.outcome is not None]
     baselines = {row.config.max_batch_size: row_result(None, row.config, row.outcome, row.seconds, None, None,
                                                        args.bins)
-                 for row in rows if row.spec is None}
-    references = {row.config.max_batch_size: row.outcome.outputs if greedy else None
-                  for row in rows if row.spec is None}
+                 for row in done if row.spec is None}
+    references = {row.config.max_batch_size: row.outcome.outputs if args.temperature == 0 else None
+                  for row in done if row.spec is None}
     return list(baselines.values()) + [
         row_result(row.spec, row.config, row.outcome, row.seconds, baselines[row.config.max_batch_size],
                    references[row.config.max_batch_size], args.bins)
-        for row in rows if row.spec is not None]
+        for row in done if row.spec is not None and row.config.max_batch_size in baselines]
 
 
 def format_table(results: list[dict]) -> str:
@@ -279,26 +293,35 @@ def _save(figure, path: Path, plt) -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        results = evaluate(args)
-    except (ValueError, OSError) as error:
-        print(f"dspark-ray deepspec eval: error: {error}", file=sys.stderr)
-        return 2
+def write_results(args: argparse.Namespace, results: list[dict], complete: bool) -> str:
+    """results.json and results.md (the table, returned); `complete` False while runs remain."""
+    if not results:
+        return ""
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
                 if key not in ("func", "drafters")}
     settings["drafters"] = [f"{spec.name}={spec.directory or ''}:{spec.kind}" for spec in args.drafters]
     settings["torch_threads"] = torch.get_num_threads()
-    (args.out / "results.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=2) + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps({"settings": settings, "complete": complete, "runs": results}, indent=2) + "\n")
     table = format_table(results)
     (args.out / "results.md").write_text(
-        f"# deepspec eval\n\n{results[0]['num_prompts']} prompts, {args.max_tokens} tokens each, "
-        f"K={args.num_speculative_tokens}, temperature {args.temperature}, {torch.get_num_threads()} threads; "
-        f"acceptance by position = P(drafts 1..k all accepted | k verified).\n\n{table}\n")
-    print(table)
+        f"# deepspec eval{'' if complete else ' (partial: runs remain)'}\n\n{results[0]['num_prompts']} prompts, "
+        f"{args.max_tokens} tokens each, K={args.num_speculative_tokens}, temperature {args.temperature}, "
+        f"{torch.get_num_threads()} threads; acceptance by position = P(drafts 1..k all accepted | k verified)."
+        f"\n\n{table}\n")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        results = evaluate(args, lambda partial: write_results(args, partial, complete=False))
+    except (ValueError, OSError) as error:
+        print(f"dspark-ray deepspec eval: error: {error}", file=sys.stderr)
+        return 2
+    print(write_results(args, results, complete=True))
     written = plot(results, args.out)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
           + "".join(f", {path}" for path in written))

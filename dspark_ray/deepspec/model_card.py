@@ -20,10 +20,11 @@ def _features_source(features: str) -> str:
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device))} ({device})"
-    return f"CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU, {threads} thread{'' if threads == 1 else 's'}"
 
 
-def training_card(args: argparse.Namespace, model, outcome, command: str) -> str:
+def training_card(args: argparse.Namespace, model, outcome, command: str, record) -> str:
     if args.draft_lm:
         title, what = "Distilled draft LM", (
             "A small dense Llama LM distilled (KL to the target's distribution + CE) from the same "
@@ -46,6 +47,8 @@ def training_card(args: argparse.Namespace, model, outcome, command: str) -> str
 
 {what}
 
+- Target: `{args.target}`, tokenizer fingerprint `{record.tokenizer_fingerprint[:16]}...` (recorded in
+  `target.json`; commands refuse this drafter for another target)
 - Parameters (own, excluding the target's borrowed embeddings/lm_head): {_num_params(model):,}
 - Shape: `{shape}`
 - Saved weights dtype: {args.storage_dtype}

@@ -6,7 +6,8 @@ our engine (greedy or sampled, batched; any drafter, since the engine is lossles
 OpenAI-compatible endpoint serving it (`--endpoint`, only the text is used, tokenized here).
 Answers are appended to `<out>/data.jsonl` as they finish; a rerun skips ids already there.
 `--cache-features` then stores the target's states for every record (see feature_cache.py);
-without it, training recomputes them on the fly.
+without it, training recomputes them on the fly. The dataset records its target (`target.json`:
+the target directory and its tokenizer's fingerprint), so `train --data` needs no `--target`.
 """
 
 from __future__ import annotations
@@ -19,21 +20,27 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dspark_ray.config import DEFAULT_TARGET_DIR, EngineConfig
+from dspark_ray.config import DEFAULT_TARGET_DIR, EngineConfig, resolve_target
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.deepspec.records import DATA_NAME, Record, append_records, read_prompt_file, read_records
+from dspark_ray.target_record import check_record, make_record, read_record, write_record
+
+CORPUS_NUM_PROMPTS = 512
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("prepare", help="regenerate answers to prompts with the target (resumable)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (data.jsonl, features/)")
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target HF directory")
+    parser.add_argument("--target", type=Path, default=None,
+                        help="target HF directory (default: the one --out records, else the bundled one)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompts", type=Path, help='JSONL of {"prompt": ..., optional "id": ...}')
-    source.add_argument("--corpus-split", choices=["train"], default="train",
-                        help="def/class openings from the reference corpus split (default)")
-    parser.add_argument("--num-prompts", type=int, default=512, help="most prompts used")
+    source.add_argument("--corpus-split", choices=["train"], default=None,
+                        help="def/class openings from the bundled reference corpus split (the default for the "
+                             "bundled target only)")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help=f"most prompts used (default: all of --prompts; {CORPUS_NUM_PROMPTS} from the corpus)")
     parser.add_argument("--max-tokens", type=int, default=256, help="answer length")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -60,11 +67,25 @@ def request_seed(seed: int, record_id: str) -> int:
 def load_prompts(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.prompts is not None:
         return read_prompt_file(args.prompts)[: args.num_prompts]
+    if args.corpus_split is None and args.target.resolve() != DEFAULT_TARGET_DIR.resolve():
+        raise ValueError(f"name the prompts for target {args.target} (--prompts FILE); the bundled corpus "
+                         "(--corpus-split train) is the bundled target's")
     from dspark_ray.deepspec.corpus_prompts import corpus_prompts
-    return corpus_prompts(args.num_prompts, args.seed, args.corpus_split)
+    return corpus_prompts(args.num_prompts or CORPUS_NUM_PROMPTS, args.seed, args.corpus_split or "train")
+
+
+def claim_dataset(out: Path, target: Path, weights_fingerprint: str | None) -> None:
+    """Refuse to add to a dataset of another target; record the target of a new dataset (an old one
+    without a record keeps none: its first answers may come from another target)."""
+    has_records = bool(read_records(out / DATA_NAME))
+    if has_records or read_record(out) is not None:
+        check_record(out, target, "the dataset", weights_fingerprint)
+    if not has_records and read_record(out) is None:
+        write_record(out, make_record(target, weights_fingerprint))
 
 
 def generate_with_engine(args: argparse.Namespace, todo: list[tuple[str, str]], out: Path) -> None:
+    from dspark_ray.dspark.signature import target_fingerprint
     from dspark_ray.engine.factory import build_engine, load_models
     from dspark_ray.engine.sequence import GenerationRequest
 
@@ -73,6 +94,7 @@ def generate_with_engine(args: argparse.Namespace, todo: list[tuple[str, str]], 
         fields["draft"] = args.draft
     config = EngineConfig(**fields)
     models = load_models(config)
+    claim_dataset(out, args.target, target_fingerprint(models.target))
     engine = build_engine(config, models)
     pending = {}
     for record_id, prompt in todo:
@@ -80,12 +102,16 @@ def generate_with_engine(args: argparse.Namespace, todo: list[tuple[str, str]], 
                                   seed=request_seed(args.seed, record_id))
         seq = engine.add_request(GenerationRequest(models.tokenizer.encode(prompt), sampling, args.max_tokens))
         pending[seq.seq_id] = (record_id, prompt, seq)
-    with tqdm(total=len(todo), desc="regenerate", unit="seq") as bar:
+    finished_tokens = 0  # progress in tokens: a batch's answers all finish near the end
+    with tqdm(total=len(todo) * args.max_tokens, desc="regenerate", unit="tok", mininterval=1.0) as bar:
         while engine.has_unfinished():
             finished = engine.step()
             records = [_record(pending.pop(seq.seq_id), models.tokenizer) for seq in finished]
             append_records(out / DATA_NAME, records)
-            bar.update(len(records))
+            finished_tokens += sum(len(record.output_token_ids) for record in records)
+            running = sum(len(seq.output_token_ids) for _, _, seq in pending.values())
+            bar.update(finished_tokens + running - bar.n)
+            bar.set_postfix_str(f"{len(todo) - len(pending)}/{len(todo)} answers", refresh=False)
 
 
 def _record(item, tokenizer) -> Record:
@@ -106,6 +132,7 @@ def generate_with_endpoint(args: argparse.Namespace, todo: list[tuple[str, str]]
         raise ValueError("--endpoint needs --model (the served model's name)")
     client = OpenAI(base_url=args.endpoint, api_key=args.api_key)
     tokenizer = load_tokenizer(args.target)
+    claim_dataset(out, args.target, None)
 
     def complete(item: tuple[str, str]) -> Record:
         record_id, prompt = item
@@ -143,10 +170,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        args.target = resolve_target(args.target, [args.out])
+        if read_record(args.out) is not None:  # before loading anything: resuming another target's data?
+            check_record(args.out, args.target, "the dataset")
         prompts = load_prompts(args)
         done = {record.id for record in read_records(args.out / DATA_NAME)}
         todo = [(record_id, prompt) for record_id, prompt in prompts if record_id not in done]
-        print(f"prepare: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, {len(todo)} to go")
+        print(f"prepare: {len(prompts)} prompts, {len(prompts) - len(todo)} already done, {len(todo)} to go; "
+              f"target {args.target}", flush=True)
         if todo:
             generate = generate_with_endpoint if args.endpoint else generate_with_engine
             generate(args, todo, args.out)

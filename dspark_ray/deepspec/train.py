@@ -5,7 +5,11 @@ no-grad target forward on the fly) -> random anchor blocks -> the DSpark loss (l
 data and target pass also distil a small Llama draft LM (`--draft-lm`) for comparison, and
 `--sequential-head none` trains the parallel-only ablation. Seeded; a checkpoint (weights,
 optimizer, sampler and RNG state) is written every `--checkpoint-every` steps and `--resume`
-continues from it to the same weights an uninterrupted run reaches.
+continues from it to the same weights an uninterrupted run reaches; it is removed once all steps
+are done. The target defaults to the one the dataset records, and a dataset or a drafter directory
+made for another target is refused; the drafter records its target (`target.json`) in turn.
+`--time-budget-s` counts this run's time only (not the time before a `--resume`): the progress
+bar, the LR warm-up and the decay follow whichever ends first, the steps or the budget.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dspark_ray.config import DEFAULT_TARGET_DIR
+from dspark_ray.config import resolve_target
 from dspark_ray.deepspec.blocks import SequenceBatch, SequenceSampler, sample_blocks
 from dspark_ray.deepspec.feature_cache import FeatureCache
 from dspark_ray.deepspec.loss import LossTerms, LossWeights, dspark_loss
 from dspark_ray.deepspec.records import DATA_NAME, read_records
 from dspark_ray.deepspec.target_pass import TargetBatch, TargetPass
+from dspark_ray.target_record import TargetRecord, check_record, make_record, read_record, write_record
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -41,11 +46,16 @@ class Schedule:
     min_lr_ratio: float = 0.1
 
     def lr_at(self, step: int, time_fraction: float = 0.0) -> float:
-        """Linear warmup, then cosine decay to min_lr_ratio * lr; under a time budget the decay follows
-        whichever is further along, the steps or the time (so a cut run still ends annealed)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = min(1.0, max(time_fraction, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)))
+        """Linear warmup over the first warmup_steps / steps of the run, then cosine decay to
+        min_lr_ratio * lr; under a time budget both follow whichever is further along, the steps or
+        the time (so a cut run still warms up and ends annealed)."""
+        share = min(1.0, self.warmup_steps / max(1, self.steps))  # of the steps, or of the budget
+        warm = max((step + 1) / max(1, self.warmup_steps), time_fraction / share if share else 1.0)
+        if warm < 1:
+            return self.lr * warm
+        progress = max((step - self.warmup_steps) / max(1, self.steps - self.warmup_steps),
+                       (time_fraction - share) / (1 - share) if share < 1 else 1.0)
+        progress = min(1.0, max(0.0, progress))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -115,7 +125,8 @@ def add_parser(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="directory written by `deepspec prepare`")
     parser.add_argument("--out", type=Path, required=True, help="output drafter directory (checkpoint inside)")
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target HF directory")
+    parser.add_argument("--target", type=Path, default=None,
+                        help="target HF directory (default: the one the dataset records, else the bundled one)")
     parser.add_argument("--draft-lm", action="store_true", help="distil a small Llama draft LM instead")
     shape = parser.add_argument_group("DSpark drafter shape")
     shape.add_argument("--sequential-head", choices=["none", "vanilla", "gated", "rnn"], default="vanilla",
@@ -133,17 +144,17 @@ def add_parser(subparsers) -> None:
     lm.add_argument("--draft-heads", type=int, default=6)
     lm.add_argument("--draft-intermediate-size", type=int, default=512)
     lm.add_argument("--draft-ce-weight", type=float, default=0.1, help="CE weight next to the KL term")
-    loss = parser.add_argument_group("loss")
+    loss = parser.add_argument_group("DSpark loss")
     loss.add_argument("--w-ce", type=float, default=0.1)
     loss.add_argument("--w-tv", type=float, default=0.9)
     loss.add_argument("--w-conf", type=float, default=1.0)
     loss.add_argument("--position-decay", type=float, default=None, help="gamma of exp(-k/gamma) weights")
     loss.add_argument("--confidence-target", choices=["greedy", "soft"], default="greedy")
-    loss.add_argument("--all-positions", action="store_true", help="anchors in the prompt too, not only answers")
+    loss.add_argument("--anchors", type=int, default=32, help="blocks per sequence per step")
+    parser.add_argument("--all-positions", action="store_true", help="anchors in the prompt too, not only answers")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=500)
     opt.add_argument("--batch-size", type=int, default=8, help="sequences per step")
-    opt.add_argument("--anchors", type=int, default=32, help="blocks per sequence per step")
     opt.add_argument("--max-len", type=int, default=1024, help="sequences are cut to this many tokens")
     opt.add_argument("--lr", type=float, default=2e-3)
     opt.add_argument("--warmup-steps", type=int, default=30)
@@ -156,14 +167,20 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     parser.add_argument("--time-budget-s", type=float, default=None,
-                        help="end training (and save the drafter) once this much wall-clock time has passed")
+                        help="end training (and save the drafter) once this run has spent this much wall-clock "
+                             "time (time before a --resume does not count)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop once this many steps are done (checkpointed), e.g. to train in time slices")
     parser.add_argument("--storage-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the saved weights (bfloat16 halves the size)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device of the target and the drafter, e.g. cuda")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, dspark_only=_dests(shape, loss), draft_lm_only=_dests(lm))
+
+
+def _dests(*groups) -> tuple[str, ...]:
+    """The options of these argument groups (the model card leaves out those a run does not read)."""
+    return tuple(action.dest for group in groups for action in group._group_actions)
 
 
 def build_model(args: argparse.Namespace, target):
@@ -239,11 +256,32 @@ class TrainOutcome:
     num_tokens: int
 
 
+def claim_output(args: argparse.Namespace, record: TargetRecord) -> None:
+    """Refuse to resume into a drafter of another target; record this run's target in `out`."""
+    if args.resume and read_record(args.out) is not None:
+        check_record(args.out, args.target, "the drafter being resumed", record.weights_fingerprint)
+    write_record(args.out, record)
+
+
+def progress_bar(args: argparse.Namespace, step: int) -> tqdm:
+    """Steps, or under a time budget this run's seconds of it (whichever ends the run, the bar and
+    its ETA show the budget; the step count goes in the postfix)."""
+    desc = "draft LM" if args.draft_lm else f"dspark[{args.sequential_head}]"
+    if args.time_budget_s is None:
+        return tqdm(total=args.steps, initial=step, desc=desc, unit="step", mininterval=2.0, dynamic_ncols=True)
+    return tqdm(total=round(args.time_budget_s), desc=f"{desc} budget", unit="s", mininterval=2.0, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n}/{total} s [{elapsed}<{remaining}{postfix}]")
+
+
 def train(args: argparse.Namespace) -> TrainOutcome:
+    from dspark_ray.dspark.signature import target_fingerprint
     from dspark_ray.engine.loading import load_causal_lm
 
     torch.manual_seed(args.seed)
+    args.target = resolve_target(args.target, [args.data])
     target = load_causal_lm(args.target, device=args.device).requires_grad_(False)
+    record = make_record(args.target, target_fingerprint(target))
+    check_record(args.data, args.target, "the dataset", record.weights_fingerprint)
     model = build_model(args, target).to(args.device)
     records = read_records(args.data / DATA_NAME)
     source = make_source(args, args.data, target, layer_ids_of(model, args, target))
@@ -253,8 +291,9 @@ def train(args: argparse.Namespace) -> TrainOutcome:
     schedule = Schedule(args.steps, args.lr, args.warmup_steps)
     weights = LossWeights(args.w_ce, args.w_tv, args.w_conf, args.position_decay, args.confidence_target)
     args.out.mkdir(parents=True, exist_ok=True)
+    claim_output(args, record)
     checkpoint = args.out / CHECKPOINT_NAME
-    step, elapsed = 0, 0.0
+    step, elapsed = 0, 0.0  # elapsed: training time of earlier runs (reported, not budgeted)
     if args.resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False, map_location=args.device)
         model.load_state_dict(state["model"])
@@ -266,12 +305,11 @@ def train(args: argparse.Namespace) -> TrainOutcome:
     model.train()
     final: dict = {}
     tokens_seen, started = 0, time.perf_counter()
-    bar = tqdm(range(step, args.steps), desc="draft LM" if args.draft_lm else f"dspark[{args.sequential_head}]",
-               initial=step, total=args.steps, mininterval=2.0, dynamic_ncols=True)
+    bar = progress_bar(args, step)
     done = step
-    for step in bar:
+    for step in range(step, args.steps):
         done = step + 1
-        spent = elapsed + time.perf_counter() - started
+        spent = time.perf_counter() - started  # this run's time: the budget's
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step, spent / args.time_budget_s if args.time_budget_s else 0.0)
         batch = sampler.next_batch()
@@ -284,48 +322,61 @@ def train(args: argparse.Namespace) -> TrainOutcome:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += int(batch.lengths.sum())
-        rate = tokens_seen / (time.perf_counter() - started)
+        spent = time.perf_counter() - started
         final = {"loss": terms.total.item(), "ce": terms.ce, "tv_or_kl": terms.tv, "confidence_bce": terms.confidence,
                  "acceptance_length_teacher_forced": terms.acceptance_length,
                  "acceptance_rate_per_position": [round(x, 4) for x in terms.acceptance_rate]}
-        bar.set_postfix(loss=f"{terms.total.item():.3f}", acc_len=f"{terms.acceptance_length:.2f}",
-                        tok_s=f"{rate:.0f}", refresh=False)
+        bar.update(1 if args.time_budget_s is None else min(bar.total, round(spent)) - bar.n)
+        bar.set_postfix(step=f"{step + 1}/{args.steps}", loss=f"{terms.total.item():.3f}",
+                        acc_len=f"{terms.acceptance_length:.2f}", tok_s=f"{tokens_seen / spent:.0f}", refresh=False)
         stopping = args.stop_after is not None and step + 1 >= args.stop_after
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps or stopping:
-            save_checkpoint(checkpoint, model, optimizer, step + 1, generator, sampler,
-                            elapsed + time.perf_counter() - started)
+        over_budget = args.time_budget_s is not None and spent > args.time_budget_s
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps or stopping or over_budget:
+            save_checkpoint(checkpoint, model, optimizer, step + 1, generator, sampler, elapsed + spent)
         if stopping and step + 1 < args.steps:
             bar.close()
-            return TrainOutcome(step + 1, elapsed + time.perf_counter() - started, final, len(records), 0)
-        if args.time_budget_s is not None and elapsed + time.perf_counter() - started > args.time_budget_s:
-            print(f"time budget reached after {step + 1} of {args.steps} steps")
-            save_checkpoint(checkpoint, model, optimizer, step + 1, generator, sampler,
-                            elapsed + time.perf_counter() - started)
+            return TrainOutcome(step + 1, elapsed + spent, final, len(records), 0)
+        if over_budget:
+            print(f"time budget reached after {step + 1} of {args.steps} steps; the drafter is saved, --resume "
+                  f"continues from {checkpoint}")
             break
     bar.close()
     elapsed += time.perf_counter() - started
     model.eval()
     num_tokens = sum(len(record.token_ids) for record in records)
     outcome = TrainOutcome(done, elapsed, final, len(records), num_tokens)
-    save_output(args, model, target, outcome)
+    save_output(args, model, outcome, record)
+    if done == args.steps:
+        checkpoint.unlink(missing_ok=True)  # finished: the drafter is what is left
     return outcome
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The full command (every option, defaults included) that reproduces this run."""
+    """The command (every option this kind of run reads, defaults included) that reproduces this run."""
+    unused = args.dspark_only if args.draft_lm else args.draft_lm_only
+    skipped = {"func", "command", "deepspec_command", "resume", "stop_after", "dspark_only", "draft_lm_only", *unused}
     parts = ["dspark-ray", "deepspec", "train"]
     for key, value in vars(args).items():
-        if key in ("func", "command", "deepspec_command", "resume", "stop_after") or value is None or value is False:
+        if key in skipped or value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         parts += [flag] if value is True else [flag, str(value)]
     return " ".join(shlex.quote(part) for part in parts)
 
 
-def save_output(args: argparse.Namespace, model, target, outcome: TrainOutcome) -> None:
+def readable_like_the_rest(directory: Path) -> None:
+    """Give every file the mode the umask gives new files (safetensors writes its own 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
+def save_output(args: argparse.Namespace, model, outcome: TrainOutcome, record: TargetRecord) -> None:
     from dspark_ray.deepspec.model_card import training_card
 
-    card = training_card(args, model, outcome, command_line(args))
+    card = training_card(args, model, outcome, command_line(args), record)
     dtype = torch.bfloat16 if args.storage_dtype == "bfloat16" else torch.float32
     if args.draft_lm:
         from dspark_ray.engine.loading import load_tokenizer
@@ -335,9 +386,10 @@ def save_output(args: argparse.Namespace, model, target, outcome: TrainOutcome) 
         model.float()
         load_tokenizer(args.target).save_pretrained(str(args.out))
         (args.out / "README.md").write_text(card)
-        return
-    from dspark_ray.dspark.io import save_dspark
-    save_dspark(model, args.out, card, dtype)
+    else:
+        from dspark_ray.dspark.io import save_dspark
+        save_dspark(model, args.out, card, dtype)
+    readable_like_the_rest(args.out)
 
 
 def run(args: argparse.Namespace) -> int:

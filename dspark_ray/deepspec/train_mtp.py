@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dspark_ray.config import DEFAULT_TARGET_DIR
+from dspark_ray.config import resolve_target
 from dspark_ray.deepspec.blocks import SequenceBatch, SequenceSampler
 from dspark_ray.deepspec.records import DATA_NAME, read_records
 from dspark_ray.deepspec.target_pass import TargetPass
@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="directory written by `deepspec prepare`")
     parser.add_argument("--out", type=Path, required=True, help="output directory (model.safetensors)")
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET_DIR, help="target HF directory")
+    parser.add_argument("--target", type=Path, default=None,
+                        help="target HF directory (default: the one the dataset records, else the bundled one)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     parser.add_argument("--max-len", type=int, default=512, help="sequences are cut to this many tokens")
@@ -120,8 +121,13 @@ def checkpoint_tensors(mtp, layer_index: int) -> dict[str, torch.Tensor]:
 def train(args: argparse.Namespace) -> dict:
     from dspark_ray.engine.loading import ModelLoadError, load_causal_lm
 
+    from dspark_ray.dspark.signature import target_fingerprint
+    from dspark_ray.target_record import check_record
+
     torch.manual_seed(args.seed)
+    args.target = resolve_target(args.target, [args.data])
     target = load_causal_lm(args.target).requires_grad_(False)
+    check_record(args.data, args.target, "the dataset", target_fingerprint(target))
     if target.config.model_type != "deepseek_v3":
         raise ModelLoadError(f"{args.target}: train-mtp writes DeepSeek-V3's MTP layout, "
                              f"not {target.config.model_type}'s")

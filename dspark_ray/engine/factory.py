@@ -22,6 +22,9 @@ from dspark_ray.engine.loading import (check_shared_vocabulary, context_limit, l
 from dspark_ray.engine.runner import CausalLMRunner
 from dspark_ray.engine.stopping import StopRules
 from dspark_ray.engine.verifier import TargetVerifier
+from dspark_ray.target_record import check_record
+
+DRAFT_NAMES = {"model": "the draft LM", "dspark": "the DSpark drafter"}
 
 
 @dataclass
@@ -33,7 +36,14 @@ class LoadedModels:
     mtp: PreTrainedModel | None = None  # drafter 'mtp': the target's MTP module (transformers' MtpModel)
 
 
+def check_draft_target(config: EngineConfig) -> None:
+    """Refuse a drafter made for another target (its target.json, or a draft LM's own tokenizer)."""
+    if config.drafter in DRAFT_NAMES:
+        check_record(config.draft, config.target, DRAFT_NAMES[config.drafter])
+
+
 def load_models(config: EngineConfig) -> LoadedModels:
+    check_draft_target(config)
     target = load_causal_lm(config.target, config.dtype, config.device)
     draft = None
     if config.drafter == "model":

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dspark_ray.dspark.signature import target_fingerprint
 from dspark_ray.reference import corpus, data, distill_draft, model_card, prompts, train_target
 from dspark_ray.reference.export import save_model_dir
 from dspark_ray.reference.evaluate import heldout_loss, top1_agreement
 from dspark_ray.reference.tokenizer import build_tokenizer
 from dspark_ray.reference.trainer import TrainConfig, seed_everything
+from dspark_ray.target_record import make_record, write_record
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "reference"
 SEQ_LEN, BATCH_SIZE, EVAL_TOKENS = 256, 16, 32768
@@ -105,6 +107,7 @@ def build_draft(out: Path, recipe: Recipe, tokenizer, stream, eval_windows, seed
         config, target, sampler, recipe.draft_train, recipe.ce_weight, device
     )
     save_model_dir(model, tokenizer, out / "draft")
+    write_record(out / "draft", make_record(out / "target", target_fingerprint(target)))
     draft = _load(out / "draft", device)
     return {
         "architecture": f"`LlamaConfig` {json.dumps(dataclasses.asdict(recipe.draft_shape))}",

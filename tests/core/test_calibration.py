@@ -128,3 +128,19 @@ def test_records_validate_and_calibration_round_trips_through_json():
     assert calibration.heldout is None and calibration.ece_after == calibration.fit.ece_after
     report = calibration_report(records, calibration.temperatures)
     assert report == calibration.fit
+
+
+def test_temperatures_that_do_not_lower_heldout_ece_stay_at_one():
+    fit = synthetic_records(6000, [3.0, 3.0], seed=5)  # the fit split says: 3x too confident ...
+    heldout = synthetic_records(3000, [1.0, 1.0], seed=6)  # ... the held-out split is calibrated already
+    calibration = calibrate(fit, heldout)
+    assert calibration.temperatures[0] == 1.0 and 1 in calibration.identity_positions  # T_1 ~ 3 would hurt
+    assert calibration.heldout.ece_after <= calibration.heldout.ece_before
+    assert all(after <= before for before, after in zip(calibration.heldout.ece_before_per_position,
+                                                        calibration.heldout.ece_after_per_position))
+
+
+def test_the_grid_reaches_below_the_old_floor_of_0_05():
+    calibration = calibrate(synthetic_records(6000, [0.02], seed=7), synthetic_records(3000, [0.02], seed=8))
+    assert calibration.temperatures[0] == pytest.approx(0.02, rel=0.3)
+    assert calibration.at_grid_edge() == [] and calibration.identity_positions == []

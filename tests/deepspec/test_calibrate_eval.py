@@ -125,3 +125,39 @@ def test_prompt_split_is_seeded_and_keeps_a_fit_part():
     assert split_prompts(prompts, 0.3, seed=0) == (fit, heldout)
     assert split_prompts(prompts[:1], 0.5, seed=0) == (prompts[:1], [])
     assert split_prompts(prompts, 0.0, seed=0) == (prompts, [])
+
+
+def test_calibrate_claims_a_target_only_when_asked_and_met(pair, tmp_path: Path, capsys):
+    target, dspark, prompts = pair
+    common = ["deepspec", "calibrate", "--draft", str(dspark), "--target", str(target), "--prompts", str(prompts),
+              "--max-tokens", "12", "--batch-size", "4", "--out", str(tmp_path / "calibration.json")]
+    assert main(common) == 0
+    assert "meets" not in capsys.readouterr().out  # no target asked for: no verdict
+    assert main([*common, "--target-ece", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "MISSES the target <= 0.0" in out and "meets" not in out
+    assert main([*common, "--heldout-fraction", "0"]) == 2  # nothing to check the fit on
+    assert "held-out prompts" in capsys.readouterr().err
+
+
+def test_eval_writes_each_run_as_it_finishes(pair, tmp_path: Path, monkeypatch):
+    from dspark_ray.deepspec import evaluate
+
+    target, dspark, prompts = pair
+    calls = []
+
+    def interrupted(engine, requests, progress=None):
+        calls.append(progress)
+        if len(calls) == 4:  # the two warm-ups, target-only, then the drafter's run is cut
+            raise KeyboardInterrupt
+        return run_recorded(engine, requests, progress=progress)
+
+    run_recorded = evaluate.run_recorded
+    monkeypatch.setattr(evaluate, "run_recorded", interrupted)
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        main(["deepspec", "eval", "--target", str(target), "--drafters", f"dspark={dspark}:dspark",
+              "--prompts", str(prompts), "--num-prompts", "2", "--max-tokens", "6", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] is False and [run["name"] for run in results["runs"]] == ["target-only"]
+    assert "partial" in (out / "results.md").read_text()

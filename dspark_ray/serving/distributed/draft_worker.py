@@ -31,7 +31,7 @@ from dspark_ray.engine.drafters.draft_model import DraftModelDrafter
 from dspark_ray.engine.drafters.dspark import DSparkDrafter
 from dspark_ray.engine.drafters.mtp import MTPDrafter, load_mtp
 from dspark_ray.engine.drafters.ngram import NgramDrafter
-from dspark_ray.engine.factory import schedule_verification
+from dspark_ray.engine.factory import check_draft_target, schedule_verification
 from dspark_ray.engine.loading import load_causal_lm, load_tokenizer
 from dspark_ray.engine.threads import configure_threads
 from dspark_ray.serving.distributed import codec, convert
@@ -49,6 +49,7 @@ def build_worker_drafter(config: EngineConfig, max_support: int) -> Drafter:
 
 def _base_drafter(config: EngineConfig, max_support: int) -> Drafter:
     on_grid = functools.partial(codec.quantize, max_support=max_support)  # what the coordinator forwards
+    check_draft_target(config)
     if config.drafter == "model":
         pad_token_id = load_tokenizer(config.target).pad_token_id or 0
         return DraftModelDrafter(load_causal_lm(config.draft, config.dtype, config.device),
