@@ -5,8 +5,8 @@ every torch op hands the GIL back and forth. Stepped on a thread of the model-se
 engine shared its GIL with the replica's event loop, which handles each delta a step emits (Ray
 Serve's streaming, serialization, gRPC), so on a machine with a spare core a step still ran
 slower than in a plain process. In a child process the engine's Python runs under a GIL of its
-own; the replica only forwards commands and deltas (`deploy/README.md` has the served c=1
-figures with and without it).
+own; the replica only forwards commands and deltas (`docs/benchmarks/serving-log.md` has the
+served c=1 figures with and without it).
 
 The child is started with `python -m dspark_ray.serving.engine_process` (not multiprocessing's
 spawn, which would re-import the Ray worker's main module) and talks over two pipes:
