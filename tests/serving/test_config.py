@@ -54,10 +54,25 @@ def test_rayservice_runs_serve_in_high_throughput_mode_on_every_pod() -> None:
         assert {e["name"]: e["value"] for e in container["env"]} == HIGH_THROUGHPUT_ENV_VARS
 
 
-def test_both_files_configure_the_same_app_fields() -> None:
+def restated_defaults(args: dict, defaults: dict, path: str = "") -> list[str]:
+    """The fields of `args` set to their default value (nested blocks compared field by field)."""
+    found = []
+    for key, value in args.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict):
+            found += restated_defaults(value, default, f"{path}{key}.")
+        elif value == default:
+            found.append(f"{path}{key}")
+    return found
+
+
+def test_example_files_restate_no_default() -> None:
+    """The example configs list only what differs from the defaults, so they cannot drift from them."""
+    defaults = AppConfig().model_dump(mode="json")
     local = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())["applications"][0]["args"]
     cluster = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])["applications"][0]["args"]
-    assert set(local) == set(cluster)
+    assert restated_defaults(local, defaults) == [] and restated_defaults(cluster, defaults) == []
+    assert restated_defaults({"engine": {"drafter": "model", "device": "cuda"}}, defaults) == ["engine.drafter"]
 
 
 def test_round_trip_through_a_serve_config() -> None:
