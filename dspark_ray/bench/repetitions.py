@@ -11,9 +11,8 @@ T = TypeVar("T")
 
 def interleaved(items: Iterable[T], repetitions: int) -> Iterator[T]:
     """Every item once per repetition, in reversed order every other repetition (A B, B A, A B, ...):
-    drift on a shared machine hits the items alike, and so does going first. A served A/A run (two
-    identical target-only apps, always in the same order) measured the second at 0.98x in all five
-    repetitions; alternating, the same A/A gave 1.00x."""
+    drift on a shared machine hits the items alike, and so does going first (an A/A run in a fixed
+    order favours one side: docs/design/reasons.md)."""
     items = list(items)
     for repetition in range(repetitions):
         yield from items if repetition % 2 == 0 else reversed(items)

@@ -172,8 +172,8 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
                     max_tokens: list[int], temperature: float, ignore_eos: bool,
                     keep_outputs: bool = False) -> dict[str, Any]:
     """Request `index` sends prompt and max_tokens number `index` (both lists cycled). The client is
-    aiohttp: it spends about a third of httpx's CPU per streamed request (3 against 9 ms for 32
-    events), and on a machine the server shares that CPU is taken from the server."""
+    aiohttp: it spends less CPU per streamed request than httpx, and on a machine the server
+    shares that CPU is taken from the server (docs/design/reasons.md)."""
     import aiohttp
 
     queue: asyncio.Queue[int] = asyncio.Queue()

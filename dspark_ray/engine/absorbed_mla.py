@@ -4,9 +4,8 @@ HF's MLA attention caches each token's compressed latent `c` (`kv_lora_rank` val
 `kv_a_layernorm`) and its shared rotary key `k_rot`, then at EVERY forward expands the whole
 cache through `kv_b_proj` into per-head keys and values: a `[slots, kv_lora_rank] x [kv_lora_rank,
 heads * (qk_nope_head_dim + v_head_dim)]` product per layer and step, growing with every cached
-slot (the bundled target at batch 16, one token a row: 11.4 ms a forward with 40 slots, 21.5 ms
-with 200; for DeepSeek-V3 itself, 128 heads over a 512-wide latent, it dwarfs the rest of a decode
-step at long contexts). The DeepSeek-V2 paper's absorption trick, which vLLM's and SGLang's MLA
+slot (docs/design/reasons.md; for DeepSeek-V3 itself, 128 heads over a 512-wide latent, it
+dwarfs the rest of a decode step at long contexts). The DeepSeek-V2 paper's absorption trick, which vLLM's and SGLang's MLA
 backends use, moves `kv_b_proj` to the other side of the attention instead. With `W_UK[h]`
 `[qk_nope, rank]` and `W_UV[h]` `[v_head, rank]` the two halves of head h's rows of `kv_b_proj`:
 

@@ -2,8 +2,7 @@
 
 A batch forward over rows with different numbers of new tokens (ragged drafts, a prompt next to
 one-token rows) is padded to `[B, T_max]`. Everything but attention works token by token, so the
-padding costs linear layers and experts as much as real tokens do: on the bundled CPU target a
-forward of 16 rows x 9 positions costs 2.4x one of 16 x 1. Packing feeds the `N` real tokens as ONE
+padding costs linear layers and experts as much as real tokens do (docs/design/reasons.md). Packing feeds the `N` real tokens as ONE
 row `[1, N]` (the way vLLM flattens a batch) and restores the padded per-row layout only where rows
 must stay apart: the KV cache update and attention, which keep `BatchKVCache`'s layout and mask
 unchanged. Padded positions then cost attention (cheap next to the experts) and nothing else.

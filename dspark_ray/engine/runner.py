@@ -24,13 +24,11 @@ from dspark_ray.engine.position_temperature import PositionTemperature
 
 
 # The longest prompt a forward beside running rows prefills (`engine.fused_prefill`); longer ones get
-# a forward of their own. Padded, a prompt of T tokens pads every row of the forward to T queries:
-# on the bundled CPU target, beside 15 running sequences, one of 4-16 tokens cost the step 9-24 ms
-# fused against 26-35 ms apart, 32 tokens 49 against 43, 128 tokens 320 against 88. Packed, a prompt
-# attends in a group of its own (engine.packed_forward): 16 tokens cost 22 ms fused against 44
-# apart, 32 tokens 30 against 44, 48 tokens 41 against 54. Past 63 tokens the bundled target's
-# forward leaves absorbed MLA (64 tokens: 70 against 57; 128: 126 against 85), and the gain of
-# saving a forward shrinks next to the prompt's own cost, hence the cap.
+# a forward of their own. Padded, a prompt of T tokens pads every row of the forward to T queries,
+# so only short prompts pay fused; packed, a prompt attends in a group of its own
+# (engine.packed_forward), so longer ones pay too, until an MLA forward would leave absorbed
+# attention and the saved forward is small next to the prompt's own cost, hence the caps
+# (docs/design/reasons.md has the timings behind them).
 FUSED_PROMPT_TOKENS_PADDED = 16
 FUSED_PROMPT_TOKENS_PACKED = 64
 
@@ -109,11 +107,9 @@ class CausalLMRunner:
         `token_lists`. # [N, T, V]
 
         The other sequences get nothing and cost no compute: the forward runs over the named rows
-        alone (`BatchKVCache.narrowed`), so a pipelined micro-batch costs only its own rows
-        (bundled pair, CPU, 8 of 16 rows: the target verifying 9 tokens per row took 24.0 ms
-        instead of 34.5 with the other rows padded in). Narrowing copies the named rows' KV out
-        and back; for the draft LM's one-token forwards that is about what it saves (in-process,
-        c=16, always drafting: 487 against 483 tok/s)."""
+        alone (`BatchKVCache.narrowed`), so a pipelined micro-batch costs only its own rows.
+        Narrowing copies the named rows' KV out and back; for the draft LM's one-token forwards
+        that is about what it saves (docs/design/reasons.md)."""
         rows = [self.seq_ids.index(seq_id) for seq_id in token_lists]
         if len(rows) < len(self.seq_ids):
             with self.cache.narrowed(rows) as part:

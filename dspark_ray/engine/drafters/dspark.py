@@ -10,11 +10,9 @@ logits, and returns exactly those distributions with the tokens (greedy rows tak
 `U_k + B_k`), plus the confidence head's logits.
 
 The backbone runs only the block positions a step drafts (the most any of its rows drafts), not
-the whole block: its cost grows with them, and at high load a short draft is what pays. At c=16 on
-the bundled CPU pair a full block of 8 cost the drafter about as much as the target's whole step,
-and a block cut to 4 kept 99% of the full block's accepted tokens at 4 drafts (positions attend
-bidirectionally within the block, so a cut block is a slightly different proposal, never a
-different output). A batch with a sampled row runs the whole block, so a sampled row's drafts,
+the whole block: its cost grows with them, and at high load a short draft is what pays
+(docs/design/reasons.md has the figures). Positions attend bidirectionally within the block, so a
+cut block is a slightly different proposal, never a different output. A batch with a sampled row runs the whole block, so a sampled row's drafts,
 and hence its seeded output, never depend on its neighbours' lengths (greedy rows' outputs are the
 target's whatever they draft).
 
