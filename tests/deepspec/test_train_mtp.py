@@ -24,7 +24,7 @@ from tiny_models import build_target, greedy_reference, save_tokenizer  # noqa: 
 
 PROMPTS = [[5, 9, 13, 2, 7], [3, 3], list(range(10, 30))]
 
-pytestmark = pytest.mark.slow  # 30 training steps
+pytestmark = [pytest.mark.slow, pytest.mark.engine]  # 30 training steps
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from dspark_ray.engine.verifier import TargetVerifier
 from harness import mismatch_report
 from tiny_models import PAD_TOKEN_ID, VOCAB_SIZE, build_mtp_target, greedy_reference, save_tokenizer
 
+pytestmark = pytest.mark.engine
+
 PROMPTS = [[5, 9, 13, 2, 7], [3, 3], list(range(10, 40)), [44], [7, 100, 21, 8, 8, 150, 2, 66, 1]]
 MAX_TOKENS = 24
 
