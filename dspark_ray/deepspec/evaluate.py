@@ -31,6 +31,7 @@ from dspark_ray.config import EngineConfig, resolve_target
 from dspark_ray.core.calibration import NUM_BINS, expected_calibration_error, reliability_table, survival_probs
 from dspark_ray.core.sampling import SamplingParams
 from dspark_ray.deepspec.acceptance import RunOutcome, acceptance_records, run_recorded, summarize
+from dspark_ray.deepspec.command import run_reporting_errors
 from dspark_ray.deepspec.records import read_prompt_file
 from dspark_ray.engine.drafters.scheduled import load_calibration
 from dspark_ray.engine.sequence import GenerationRequest
@@ -314,12 +315,11 @@ def write_results(args: argparse.Namespace, results: list[dict], complete: bool)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        results = evaluate(args, lambda partial: write_results(args, partial, complete=False))
-    except (ValueError, OSError) as error:
-        print(f"dspark-ray deepspec eval: error: {error}", file=sys.stderr)
+    def write_partial(partial: list[dict]) -> None:
+        write_results(args, partial, complete=False)
+
+    results = run_reporting_errors("eval", args, lambda: evaluate(args, write_partial))
+    if results is None:
         return 2
     print(write_results(args, results, complete=True))
     written = plot(results, args.out)

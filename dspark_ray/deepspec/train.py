@@ -18,7 +18,6 @@ import argparse
 import math
 import os
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from dspark_ray.config import resolve_target
 from dspark_ray.deepspec.blocks import SequenceBatch, SequenceSampler, sample_blocks
+from dspark_ray.deepspec.command import run_reporting_errors
 from dspark_ray.deepspec.feature_cache import FeatureCache
 from dspark_ray.deepspec.loss import LossTerms, LossWeights, dspark_loss
 from dspark_ray.deepspec.records import DATA_NAME, read_records
@@ -393,12 +393,8 @@ def save_output(args: argparse.Namespace, model, outcome: TrainOutcome, record: 
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        outcome = train(args)
-    except (ValueError, OSError) as error:
-        print(f"dspark-ray deepspec train: error: {error}", file=sys.stderr)
+    outcome = run_reporting_errors("train", args, lambda: train(args))
+    if outcome is None:
         return 2
     if outcome.steps < args.steps and not (args.out / "model.safetensors").is_file():
         print(f"stopped after {outcome.steps} of {args.steps} steps; continue with --resume")

@@ -18,7 +18,6 @@ targets only (the layout is V3's).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from dspark_ray.config import resolve_target
 from dspark_ray.deepspec.blocks import SequenceBatch, SequenceSampler
+from dspark_ray.deepspec.command import run_reporting_errors
 from dspark_ray.deepspec.records import DATA_NAME, read_records
 from dspark_ray.deepspec.target_pass import TargetPass
 from dspark_ray.deepspec.train import Schedule, make_optimizer
@@ -162,12 +162,8 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        summary = train(args)
-    except (ValueError, OSError) as error:
-        print(f"dspark-ray deepspec train-mtp: error: {error}", file=sys.stderr)
+    summary = run_reporting_errors("train-mtp", args, lambda: train(args))
+    if summary is None:
         return 2
     print(f"-> {args.out / 'model.safetensors'} {summary}")
     return 0
