@@ -44,10 +44,10 @@ class AttentionWindow:
     kind: Literal["full", "sliding", "chunked"]
     size: int = 0
 
-    def restrict(self, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor
+    def restrict(self, allowed: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor | None
                  ) -> torch.Tensor:
         """`allowed` [B, T, K] (causal, valid keys) narrowed to this window, given the token
-        positions of the queries [B, T] and of the keys [B, K]."""
+        positions of the queries [B, T] and of the keys [B, K] (not needed by a full window)."""
         if self.kind == "full":
             return allowed
         queries, keys = query_positions[:, :, None], key_positions[:, None, :]  # [B, T, 1], [B, 1, K]

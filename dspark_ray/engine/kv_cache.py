@@ -91,7 +91,8 @@ class BatchKVCache:
         # Every query sees at least itself, so padded queries never produce NaNs that would
         # leak into the cache (0 * NaN is NaN even behind a mask).
         itself = (kv_index[None, :] == query_slot[:, None])[None]  # [1, T, S + T]
-        key_positions = torch.cat([self.slot_valid.cumsum(1) - 1, query_positions], dim=1)  # [B, S + T], valid slots
+        key_positions = None if self.windows.all_full else torch.cat(  # [B, S + T], at valid slots
+            [self.slot_valid.cumsum(1) - 1, query_positions], dim=1)  # only windows need them
 
         def additive(window: AttentionWindow) -> torch.Tensor:
             seen = window.restrict(allowed, query_positions, key_positions) | itself
