@@ -161,8 +161,8 @@ class Router:
     def check_admission(self, tenant: TenantConfig | None) -> None:
         """Raises the over-capacity or tenant-quota rejection a generation would get now.
 
-        `generate` calls it as it admits; the HTTP path also calls it before reading and parsing a
-        body, so that a burst past the limit costs the router a header lookup per rejection.
+        `generate` calls it as it admits; `AdmissionGate` also calls it before a
+        body is read, so that a burst past the limit costs the router a header lookup per rejection.
         """
         if self.num_in_flight >= self.admission_limit:
             self.metrics.observe_error("over_capacity")
@@ -273,8 +273,7 @@ def build_http_app(router: Router) -> FastAPI:
 
 
 async def _serve(router: Router, http_request: Request, chat: bool) -> Response:
-    tenant = router.authenticate(http_request.headers.get("authorization"))
-    router.check_admission(tenant)  # as AdmissionGate did: the count may have changed since
+    tenant = router.authenticate(http_request.headers.get("authorization"))  # AdmissionGate checked admission
     raw = await read_body(http_request, router.config.max_request_body_bytes, router.config.request_body_timeout_s)
     body = parse_body(raw, ChatCompletionBody if chat else CompletionBody)
     router.check_model(body.model)
